@@ -1,0 +1,50 @@
+# AITBC — the user's entry points. See README.md.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTO_SRC := $(wildcard protos/aitbc/v1/*.proto)
+PROTO_STAMP := aitbc/v1/.generated
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: install protos run test bench lint clean
+
+install: $(STAMP)
+
+# Re-installs only when the pins change, so a second `make install` is instant.
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+protos: $(PROTO_STAMP)
+
+$(PROTO_STAMP): $(PROTO_SRC) $(STAMP)
+	rm -rf aitbc/v1 && mkdir -p aitbc/v1
+	$(PY) -m grpc_tools.protoc -I protos \
+		--python_out=. --grpc_python_out=. \
+		--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy \
+		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
+		--mypy_out=. --mypy_grpc_out=. \
+		$(PROTO_SRC)
+	touch aitbc/v1/__init__.py $@
+
+run: install protos
+	$(PY) -m aitbc.devnet
+
+test: install protos
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install protos
+	$(PY) -m bench
+
+lint: install protos
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/buf lint protos
+
+clean:
+	rm -rf aitbc/v1 var .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +

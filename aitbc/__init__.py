@@ -1,0 +1,1 @@
+"""AITBC shared core: keys and signing, addresses, config, logging, gRPC plumbing."""

@@ -1,0 +1,209 @@
+"""`make run`: a whole network on this machine — wallet, coordinator and one
+miner sidecar — with SQLite stores under var/.
+
+On first start it makes dev keys and bearer tokens (var/dev/), and on every
+start it makes sure the dev client holds its faucet funds (an idempotent
+Mint). Prints the grpcurl commands to try. Ctrl-C stops all three cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+from aitbc.addresses import address_of
+from aitbc.auth import Principal, TokenTable, auth_metadata, new_token
+from aitbc.crypto import load_or_create_key
+from aitbc.rpc import insecure_channel
+from aitbc.v1 import wallet_pb2, wallet_pb2_grpc
+
+FAUCET_UAIT = 1_000 * 1_000_000  # 1,000 AIT
+MINER_ID = "devnet-miner-0"
+
+
+def _write_secret(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def bootstrap(var: Path) -> dict[str, str]:
+    """Make (once) the dev keys, tokens and principals; return the facts."""
+    dev = var / "dev"
+    dev.mkdir(parents=True, exist_ok=True)
+    facts_path = dev / "devnet.json"
+    if facts_path.exists():
+        return dict(json.loads(facts_path.read_text()))
+    coordinator = load_or_create_key(dev / "coordinator.key")
+    treasury = load_or_create_key(dev / "treasury.key")
+    client = load_or_create_key(dev / "client.key")
+    miner = load_or_create_key(var / "miner" / "miner.key")
+    facts = {
+        "coordinator_public_key": coordinator.public_key.hex(),
+        "treasury_address": address_of(treasury.public_key),
+        "client_address": address_of(client.public_key),
+        "miner_address": address_of(miner.public_key),
+        "miner_id": MINER_ID,
+        "admin_token": new_token(),
+        "coordinator_token": new_token(),
+        "client_token": new_token(),
+        "miner_token": new_token(),
+    }
+    TokenTable.dump(dev / "principals.json", [
+        (facts["admin_token"], Principal("dev-admin", "admin")),
+        (facts["coordinator_token"], Principal("coordinator", "coordinator")),
+        (facts["client_token"], Principal("dev-client", "client", address=facts["client_address"])),
+        (facts["miner_token"], Principal(MINER_ID, "miner", address=facts["miner_address"], miner_id=MINER_ID)),
+    ])
+    _write_secret(dev / "tokens.env", "".join(
+        f"{k.upper()}={facts[k]}\n" for k in ("admin_token", "client_token", "miner_token", "coordinator_token")
+    ) + f"CLIENT_ADDRESS={facts['client_address']}\nMINER_ADDRESS={facts['miner_address']}\n")
+    _write_secret(facts_path, json.dumps(facts, indent=2) + "\n")
+    return facts
+
+
+def _wait_ready(path: Path, proc: subprocess.Popen[bytes], name: str, timeout: float = 60.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{name} exited with code {proc.returncode} before it was ready")
+        if path.exists():
+            return int(path.read_text().strip() or 0)
+        time.sleep(0.05)
+    raise SystemExit(f"{name} was not ready after {timeout:.0f}s")
+
+
+async def _fund(target: str, token: str, address: str) -> int:
+    async with insecure_channel(target) as channel:
+        stub = wallet_pb2_grpc.WalletServiceStub(channel)
+        resp = await stub.Mint(
+            wallet_pb2.MintRequest(address=address, amount=FAUCET_UAIT, request_id="devnet-faucet-client"),
+            metadata=auth_metadata(token), timeout=10,
+        )
+        return int(resp.balance.available)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="aitbc.devnet", description=__doc__)
+    ap.add_argument("--var-dir", type=Path, default=Path("var"))
+    ap.add_argument("--coord-port", type=int, default=int(os.environ.get("AITBC_DEVNET_COORD_PORT", 50051)))
+    ap.add_argument("--wallet-port", type=int, default=int(os.environ.get("AITBC_DEVNET_WALLET_PORT", 50052)))
+    ap.add_argument("--log-dir", type=Path, help="write each service's log to a file here")
+    ap.add_argument("--lease-secs", type=float, default=30.0)
+    args = ap.parse_args(argv)
+    var: Path = args.var_dir.resolve()
+    facts = bootstrap(var)
+    run = var / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    for f in run.glob("*.port"):
+        f.unlink()
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    logs: list[IO[bytes]] = []
+
+    def start(name: str, module: str, flags: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        out: IO[bytes] | None = None
+        if args.log_dir:
+            args.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(args.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed at shutdown
+            logs.append(out)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, *flags], env={**os.environ, **env}, stdout=out, stderr=out,
+            # Own process group: Ctrl-C reaches devnet, which stops the
+            # services in order instead of all at once.
+            start_new_session=True,
+        )
+        procs.append((name, proc))
+        return proc
+
+    def stop_all() -> None:
+        for name, proc in reversed(procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    print(f"devnet: {name} did not stop in 15s; killing it", file=sys.stderr)
+                    proc.kill()
+                    proc.wait()
+        for f in logs:
+            f.close()
+
+    interrupted = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal interrupted
+        interrupted = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        wallet = start("wallet", "wallet_svc", [
+            "--port", str(args.wallet_port), "--db-path", str(var / "wallet.sqlite"),
+            "--tokens-file", str(var / "dev/principals.json"),
+            "--coordinator-public-key", facts["coordinator_public_key"],
+            "--treasury-address", facts["treasury_address"], "--ready-file", str(run / "wallet.port"),
+        ], {})
+        wallet_port = _wait_ready(run / "wallet.port", wallet, "wallet")
+        balance = asyncio.run(_fund(f"127.0.0.1:{wallet_port}", facts["admin_token"], facts["client_address"]))
+        coord = start("coordinator", "coordinator_svc", [
+            "--port", str(args.coord_port), "--db-path", str(var / "coordinator.sqlite"),
+            "--blobs-dir", str(var / "blobs"), "--tokens-file", str(var / "dev/principals.json"),
+            "--key-file", str(var / "dev/coordinator.key"), "--wallet-target", f"127.0.0.1:{wallet_port}",
+            "--lease-secs", str(args.lease_secs), "--ready-file", str(run / "coordinator.port"),
+        ], {"AITBC_COORD_WALLET_TOKEN": facts["coordinator_token"]})
+        coord_port = _wait_ready(run / "coordinator.port", coord, "coordinator")
+        miner = start("miner", "miner_svc", [
+            "--coord-url", f"127.0.0.1:{coord_port}", "--miner-id", facts["miner_id"],
+            "--work-dir", str(var / "miner"), "--wallet-addr", facts["miner_address"],
+            "--ready-file", str(run / "miner.ready"),
+        ], {"AITBC_MINER_API_KEY": facts["miner_token"]})
+        _wait_ready(run / "miner.ready", miner, "miner")
+        (run / "endpoints.json").write_text(json.dumps({"coordinator": coord_port, "wallet": wallet_port}) + "\n")
+        print(_banner(facts, coord_port, wallet_port, balance, var), flush=True)
+        while True:
+            for name, proc in procs:
+                if proc.poll() is not None:
+                    print(f"devnet: {name} exited with code {proc.returncode}; stopping the rest", file=sys.stderr)
+                    return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\ndevnet: stopping miner, coordinator, wallet...", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        stop_all()
+
+
+def _banner(facts: dict[str, str], coord: int, wallet: int, balance: int, var: Path) -> str:
+    c, w = f"127.0.0.1:{coord}", f"127.0.0.1:{wallet}"
+    return f"""
+AITBC devnet is up.  coordinator {c}   wallet {w}   miner {facts['miner_id']}
+Dev client {facts['client_address']} holds {balance / 1e6:,.2f} AIT. Tokens: {var}/dev/tokens.env
+
+Try, in another terminal (grpcurl ships in .venv/bin):
+
+  source {var}/dev/tokens.env; export PATH=$PWD/.venv/bin:$PATH
+  grpcurl -plaintext {c} list
+  grpcurl -plaintext -H "authorization: Bearer $CLIENT_TOKEN" \\
+    -d '{{"request_id":"try-1","spec":{{"matmul":{{"n":256,"dtype":"DTYPE_FP32","seed":"42"}},"max_price":"100000"}}}}' \\
+    {c} aitbc.v1.CoordinatorService/SubmitJob
+  grpcurl -plaintext -H "authorization: Bearer $CLIENT_TOKEN" -d '{{"job_id":"<job_id from above>"}}' \\
+    {c} aitbc.v1.CoordinatorService/WatchJob
+  grpcurl -plaintext -H "authorization: Bearer $CLIENT_TOKEN" -d "{{\\"address\\":\\"$CLIENT_ADDRESS\\"}}" \\
+    {w} aitbc.v1.WalletService/GetBalance
+  grpcurl -plaintext -H "authorization: Bearer $CLIENT_TOKEN" -d "{{\\"address\\":\\"$MINER_ADDRESS\\"}}" \\
+    {w} aitbc.v1.WalletService/GetBalance
+
+Ctrl-C stops all three.
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""gRPC server plumbing shared by every service: auth and error mapping in one
+interceptor, health, reflection, graceful shutdown, a ready file for
+supervisors and tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import traceback
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import structlog
+from google.protobuf import any_pb2
+from google.protobuf.descriptor import ServiceDescriptor
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from aitbc.auth import PUBLIC_SERVICES, Principal, TokenTable, bearer_token, current_principal, role_table
+from aitbc.errors import DOMAIN, AitbcError, PermissionDenied, Unauthenticated
+
+log = structlog.get_logger()
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024 + 64 * 1024
+
+
+def rich_status(err: AitbcError) -> grpc.Status:
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)
+    details = [_pack(info)]
+    if err.code == "INVALID_ARGUMENT" and err.field:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=err.field, description=err.message)
+            ]
+        )
+        details.append(_pack(bad))
+    st = status_pb2.Status(code=getattr(code_pb2, err.code), message=err.message, details=details)
+    return rpc_status.to_status(st)
+
+
+def _pack(msg: Any) -> any_pb2.Any:
+    a = any_pb2.Any()
+    a.Pack(msg)
+    return a
+
+
+async def _abort(context: grpc.aio.ServicerContext, err: AitbcError) -> None:
+    status = rich_status(err)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+class _Gate:
+    """Decides, per call, who the caller is and whether the method allows it."""
+
+    def __init__(self, tokens: TokenTable, roles: dict[str, frozenset[int]]) -> None:
+        self._tokens = tokens
+        self._roles = roles
+
+    def authorize(self, method: str, metadata: Any) -> Principal | None:
+        service = method.split("/")[1] if method.count("/") >= 2 else ""
+        if service in PUBLIC_SERVICES:
+            return None
+        allowed = self._roles.get(method)
+        if not allowed:
+            raise PermissionDenied(f"{method} is not open to any role", reason="METHOD_NOT_ALLOWED")
+        token = bearer_token(metadata)
+        if token is None:
+            raise Unauthenticated(
+                "missing bearer token: send metadata 'authorization: Bearer <token>'",
+                reason="MISSING_TOKEN",
+            )
+        principal = self._tokens.lookup(token)
+        if principal is None:
+            raise Unauthenticated("unknown or revoked token", reason="BAD_TOKEN")
+        if principal.role_value not in allowed:
+            raise PermissionDenied(
+                f"role {principal.role} may not call {method}", reason="ROLE_NOT_ALLOWED"
+            )
+        return principal
+
+
+class GateInterceptor(grpc.aio.ServerInterceptor):
+    """Authentication, authorization and error mapping for every RPC.
+
+    Wraps the handler itself (rather than relying on contextvars set here
+    propagating) so the principal and request id are bound in the task that
+    runs the handler. Domain errors become a status with ErrorInfo;
+    anything unexpected is logged with its trace and answered INTERNAL
+    without internals.
+    """
+
+    def __init__(self, gate: _Gate) -> None:
+        self._gate = gate
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        metadata = handler_call_details.invocation_metadata
+        gate = self._gate
+
+        def enter() -> list[Any]:
+            request_id = _metadata_value(metadata, "x-request-id") or uuid.uuid4().hex[:16]
+            tokens = structlog.contextvars.bind_contextvars(request_id=request_id, method=method)
+            principal = gate.authorize(method, metadata)
+            current_principal.set(principal)
+            return [tokens]
+
+        async def on_error(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+            if isinstance(exc, AitbcError):
+                if exc.code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+                    log.info("rpc_refused", code=exc.code, reason=exc.reason)
+                await _abort(context, exc)
+            log.error("rpc_internal_error", error=repr(exc), trace=traceback.format_exc())
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+
+        if handler.unary_unary:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    enter()
+                    return await inner_uu(request, context)
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:
+                    await on_error(context, exc)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                try:
+                    enter()
+                    async for item in inner_us(request, context):
+                        yield item
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:
+                    await on_error(context, exc)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream:
+            inner_ss = handler.stream_stream
+
+            async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                try:
+                    enter()
+                    async for item in inner_ss(requests, context):
+                        yield item
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:
+                    await on_error(context, exc)
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        # Client-streaming RPCs are not part of the contract yet; refuse
+        # rather than pass them through unchecked.
+        raise RuntimeError(f"unsupported handler kind for {method}")
+
+
+def _metadata_value(metadata: Any, key: str) -> str | None:
+    for k, v in metadata or ():
+        if k == key and isinstance(v, str):
+            return v
+    return None
+
+
+def principal() -> Principal:
+    """The caller of the current RPC. Only valid inside a gated handler."""
+    p = current_principal.get()
+    if p is None:
+        raise Unauthenticated("no authenticated caller", reason="MISSING_TOKEN")
+    return p
+
+
+class Service:
+    """A gRPC server with the shared plumbing, built by each service's
+    build_server()."""
+
+    def __init__(
+        self,
+        *,
+        services: Sequence[ServiceDescriptor],
+        register: Iterable[Callable[[grpc.aio.Server], None]],
+        tokens: TokenTable,
+        host: str,
+        port: int,
+    ) -> None:
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(
+            interceptors=[GateInterceptor(_Gate(tokens, role_table(services)))],
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            ],
+        )
+        for add in register:
+            add(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = [s.full_name for s in services]
+        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME, health.SERVICE_NAME], self.server)
+        self._names = names
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {host}:{port}")
+
+    async def start(self) -> None:
+        await self.server.start()
+        for name in ["", *self._names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+def write_ready_file(path: str | os.PathLike[str] | None, port: int) -> None:
+    """Atomically write the bound port, so a supervisor started with port 0
+    learns it only once the server answers."""
+    if not path:
+        return
+    p = Path(path)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(f"{port}\n")
+    tmp.replace(p)
+
+
+async def wait_for_shutdown_signal() -> str:
+    loop = asyncio.get_running_loop()
+    stopped: asyncio.Future[str] = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda s=sig: stopped.done() or stopped.set_result(s.name))
+    return await stopped

@@ -1,0 +1,162 @@
+"""matmul: C = A @ B, the seed's torch_bench made verifiable.
+
+What both sides need lives here, so the coordinator and the miner agree by
+construction: parameter checks, the inputs made from the job's seed, the
+price measure, the output encoding and Freivalds' check. The torch run code
+is the miner's (miner_svc/_run_matmul.py); the coordinator never imports it.
+
+Inputs are made on the CPU from raw PCG64 output (bits, not numpy's
+distribution code, which NumPy does not promise to keep stable), mapped
+exactly to k / 2**23 in [-1, 1), then rounded to the job's dtype. Every value
+is representable in float32, so moving them to any device and casting is
+exact, and a GPU miner multiplies the very numbers the coordinator
+regenerates.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+
+from aitbc.errors import InvalidArgument
+
+NAME = "matmul"
+MAX_N = 4096
+MAX_REPEATS = 100
+DTYPES = ("fp32", "fp16", "bf16")
+ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+# Freivalds tolerance per dtype. Each row i of C r is compared with
+# A_i . (B r); the bound is TOLERANCE * |A_i| * |B r| / sqrt(n), the typical
+# size of that dot product for inputs like ours. Honest rounding errors (of
+# the products, and of C to its dtype) are a small multiple of the dtype's
+# unit roundoff times that scale, so the factors below sit ~10x above what
+# honest CPU runs show (tests/test_matmul_workload.py measures the margin),
+# while a fabricated or zeroed C is off by O(1 / TOLERANCE) of it.
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}
+FREIVALDS_ROUNDS = 8
+
+
+@dataclass(frozen=True)
+class MatmulParams:
+    n: int
+    dtype: str
+    seed: int
+    repeats: int = 1
+
+    def validate(self) -> MatmulParams:
+        if not 1 <= self.n <= MAX_N:
+            raise InvalidArgument(f"n must be in 1..{MAX_N}, got {self.n}", field="spec.matmul.n")
+        if self.dtype not in DTYPES:
+            raise InvalidArgument(
+                f"dtype must be one of DTYPE_FP32, DTYPE_FP16, DTYPE_BF16, got {self.dtype!r}",
+                field="spec.matmul.dtype",
+            )
+        if not 0 <= self.seed < 2**64:
+            raise InvalidArgument("seed must fit in 64 bits", field="spec.matmul.seed")
+        if not 1 <= self.repeats <= MAX_REPEATS:
+            raise InvalidArgument(
+                f"repeats must be in 1..{MAX_REPEATS} (0 means 1), got {self.repeats}",
+                field="spec.matmul.repeats",
+            )
+        return self
+
+    @property
+    def flops(self) -> int:
+        """FLOPs of the one product that is verified, and so paid for."""
+        return 2 * self.n**3
+
+    @property
+    def output_size(self) -> int:
+        return self.n * self.n * ITEMSIZE[self.dtype]
+
+
+def _round_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round float32 to the nearest bfloat16 (ties to even), kept as float32."""
+    bits = x.view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def round_to_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "fp32":
+        return x
+    if dtype == "fp16":
+        return x.astype(np.float16).astype(np.float32)
+    return _round_to_bf16(x)
+
+
+def make_inputs(params: MatmulParams) -> tuple[np.ndarray, np.ndarray]:
+    """A and B as float32 arrays whose values are exact in the job's dtype."""
+    n = params.n
+    gen = np.random.PCG64(params.seed)
+    raw = gen.random_raw(2 * n * n)
+    ints = (raw >> np.uint64(40)).astype(np.int64) - (1 << 23)
+    vals = (ints.astype(np.float32) / np.float32(1 << 23)).reshape(2, n, n)
+    vals = round_to_dtype(vals, params.dtype)
+    return np.ascontiguousarray(vals[0]), np.ascontiguousarray(vals[1])
+
+
+def decode_output(params: MatmulParams, data: bytes) -> np.ndarray:
+    """C as float64 from its little-endian encoding in the job's dtype."""
+    if len(data) != params.output_size:
+        raise ValueError(f"output is {len(data)} bytes, expected {params.output_size}")
+    n = params.n
+    if params.dtype == "fp32":
+        c = np.frombuffer(data, dtype="<f4")
+    elif params.dtype == "fp16":
+        c = np.frombuffer(data, dtype="<f2")
+    else:
+        c = (np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    with np.errstate(all="ignore"):
+        return c.astype(np.float64).reshape(n, n)
+
+
+def encode_output(params: MatmulParams, c: np.ndarray) -> bytes:
+    """Reference encoding of C (float32 values) in the job's dtype; the
+    miner's torch code produces the same bytes."""
+    if params.dtype == "fp32":
+        return c.astype("<f4").tobytes()
+    if params.dtype == "fp16":
+        return c.astype("<f2").tobytes()
+    return (_round_to_bf16(c.astype(np.float32)).view(np.uint32) >> 16).astype("<u2").tobytes()
+
+
+@dataclass(frozen=True)
+class Check:
+    ok: bool
+    detail: str
+    # Largest error seen, as a fraction of its tolerance (< 1 passes).
+    worst_ratio: float = 0.0
+
+
+def freivalds(params: MatmulParams, data: bytes, rounds: int = FREIVALDS_ROUNDS) -> Check:
+    """Check C = A @ B in O(n^2) per round with random +-1 vectors the miner
+    cannot predict. A wrong C survives one round with probability <= 1/2
+    (far less for a C that is wrong in many places)."""
+    try:
+        c = decode_output(params, data)
+    except ValueError as exc:
+        return Check(False, str(exc))
+    if not np.isfinite(c).all():
+        return Check(False, "output holds NaN or infinity")
+    a32, b32 = make_inputs(params)
+    a, b = a32.astype(np.float64), b32.astype(np.float64)
+    n = params.n
+    r = np.array(
+        [[1.0 if bit == "1" else -1.0 for bit in format(secrets.randbits(n), f"0{n}b")] for _ in range(rounds)]
+    ).T
+    br = b @ r
+    lhs = c @ r
+    rhs = a @ br
+    scale = np.outer(np.linalg.norm(a, axis=1), np.linalg.norm(br, axis=0)) / np.sqrt(n)
+    bound = TOLERANCE[params.dtype] * scale + 1e-30
+    with np.errstate(all="ignore"):
+        ratio = np.abs(lhs - rhs) / bound
+    worst = float(ratio.max())
+    if worst > 1.0:
+        row = int(np.unravel_index(int(ratio.argmax()), ratio.shape)[0])
+        return Check(False, f"C fails Freivalds' check at row {row} ({worst:.3g}x the tolerance)", worst)
+    return Check(True, f"passed {rounds} Freivalds rounds", worst)

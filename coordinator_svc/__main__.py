@@ -1,0 +1,60 @@
+"""python -m coordinator_svc [flags]: serve the coordinator."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import structlog
+
+from aitbc import config as cfg
+from aitbc.auth import TokenTable
+from aitbc.crypto import load_or_create_key
+from aitbc.logs import setup_logging
+from aitbc.server import wait_for_shutdown_signal, write_ready_file
+from coordinator_svc._jobs import Coordinator, Settings
+from coordinator_svc._store import SqliteJobStore
+from coordinator_svc._wallet import WalletClient
+from coordinator_svc.server import OPTIONS, CoordinatorDeps, build_server
+
+log = structlog.get_logger()
+
+
+def main(argv: list[str]) -> int:
+    conf = cfg.load(OPTIONS, prog="coordinator_svc", argv=argv, env_prefix="AITBC_COORD_")
+    setup_logging("coordinator", conf["LOG_LEVEL"])
+    if not conf["WALLET_TOKEN"]:
+        raise SystemExit("WALLET_TOKEN is required (env AITBC_COORD_WALLET_TOKEN)")
+    return asyncio.run(serve(conf))
+
+
+async def serve(conf: dict) -> int:
+    settings = Settings(
+        network_id=conf["NETWORK_ID"], heartbeat_secs=conf["HEARTBEAT_SECS"], lease_secs=conf["LEASE_SECS"],
+        max_attempts=conf["MAX_ATTEMPTS"], fee_bps=conf["FEE_BPS"],
+        matmul_base_price=conf["MATMUL_BASE_PRICE"], matmul_uait_per_gflop=conf["MATMUL_UAIT_PER_GFLOP"],
+    )
+    store = SqliteJobStore(conf["DB_PATH"])
+    wallet = WalletClient(conf["WALLET_TARGET"], conf["WALLET_TOKEN"])
+    core = Coordinator(store=store, wallet=wallet, key=load_or_create_key(conf["KEY_FILE"]),
+                       settings=settings, blobs_dir=conf["BLOBS_DIR"])
+    service, port = build_server(conf, CoordinatorDeps(core=core, tokens=TokenTable.load(conf["TOKENS_FILE"])))
+    await service.start()
+    await core.start()
+    write_ready_file(conf["READY_FILE"], port)
+    log.info("coordinator_listening", port=port, network_id=settings.network_id)
+    try:
+        sig = await wait_for_shutdown_signal()
+        log.info("coordinator_stopping", signal=sig)
+    finally:
+        core.disconnect_all()
+        await service.stop(conf["SHUTDOWN_GRACE"])
+        await core.stop()
+        await wallet.close()
+        store.close()
+    log.info("coordinator_stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

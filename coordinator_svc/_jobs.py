@@ -1,0 +1,566 @@
+"""The coordinator's core: intake, push dispatch, leases, results,
+verification and the settlement outbox.
+
+Nothing here polls for work: a submitted job, a joining miner and a freed
+slot each wake the dispatcher, which pushes an assignment down the miner's
+open stream at once. The store is the truth; in-memory state (sessions,
+watchers) is rebuilt from it and from reconnecting miners.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from aitbc import crypto
+from aitbc.auth import Principal
+from aitbc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from aitbc.signed import seal
+from aitbc.timeutil import ts_from_datetime, ts_now
+from aitbc.v1 import coordinator_pb2 as cpb
+from aitbc.v1 import signing_pb2
+from aitbc.workloads.registry import workload_of
+from coordinator_svc import _store as st
+from coordinator_svc._store import JobRecord, SqliteJobStore
+from coordinator_svc._verify import ACCEPTED, check_result
+from coordinator_svc._wallet import WalletClient, WalletError
+
+log = structlog.get_logger()
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Settings:
+    network_id: str
+    heartbeat_secs: float = 5.0
+    lease_secs: float = 30.0
+    max_attempts: int = 3
+    fee_bps: int = 500
+    # Price table: base per job plus per unit of the workload's own measure.
+    matmul_base_price: int = 1000
+    matmul_uait_per_gflop: int = 1000
+
+
+@dataclass
+class Upload:
+    path: Path
+    limit: int
+    size: int = 0
+    sha: Any = field(default_factory=hashlib.sha256)
+
+
+@dataclass
+class MinerSession:
+    miner_id: str
+    public_key: bytes
+    payout_address: str
+    workloads: frozenset[str]
+    slots: int
+    gpu: bool
+    max_vram: int
+    session_id: str = field(default_factory=lambda: "sess_" + secrets.token_hex(8))
+    outbox: asyncio.Queue[cpb.ConnectResponse | None] = field(default_factory=asyncio.Queue)
+    # lease id -> (job id, output size limit)
+    leases: dict[str, tuple[str, int]] = field(default_factory=dict)
+    uploads: dict[str, Upload] = field(default_factory=dict)
+    connected_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.slots - len(self.leases))
+
+    def can_run(self, workload: str, req: cpb.Requirements) -> bool:
+        if workload not in self.workloads:
+            return False
+        if req.gpu_required and not self.gpu:
+            return False
+        return req.min_vram_bytes <= self.max_vram if req.min_vram_bytes else True
+
+
+def why_unplaceable(workload: str, req: cpb.Requirements, sessions: list[MinerSession]) -> str:
+    if not sessions:
+        return "no miner is connected"
+    if not any(workload in s.workloads for s in sessions):
+        return f"no connected miner runs {workload}"
+    if req.gpu_required and not any(s.gpu for s in sessions):
+        return "no connected miner has a GPU"
+    if req.min_vram_bytes:
+        return f"no connected miner has {req.min_vram_bytes / 2**30:.1f} GiB of VRAM"
+    return "no connected miner meets the requirements"
+
+
+class WatchHub:
+    def __init__(self) -> None:
+        self._subs: dict[str, set[asyncio.Queue[JobRecord]]] = {}
+
+    def publish(self, rec: JobRecord) -> None:
+        for q in self._subs.get(rec.job_id, ()):
+            q.put_nowait(rec)
+
+    def subscribe(self, job_id: str) -> asyncio.Queue[JobRecord]:
+        q: asyncio.Queue[JobRecord] = asyncio.Queue()
+        self._subs.setdefault(job_id, set()).add(q)
+        return q
+
+    def unsubscribe(self, job_id: str, q: asyncio.Queue[JobRecord]) -> None:
+        subs = self._subs.get(job_id)
+        if subs is not None:
+            subs.discard(q)
+            if not subs:
+                del self._subs[job_id]
+
+
+class Coordinator:
+    def __init__(
+        self,
+        *,
+        store: SqliteJobStore,
+        wallet: WalletClient,
+        key: crypto.KeyPair,
+        settings: Settings,
+        blobs_dir: Path,
+    ) -> None:
+        self.store = store
+        self.wallet = wallet
+        self.key = key
+        self.settings = settings
+        self.blobs = Path(blobs_dir)
+        (self.blobs / "incoming").mkdir(parents=True, exist_ok=True)
+        self.watch_hub = WatchHub()
+        self.sessions: dict[str, MinerSession] = {}
+        self._db_exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobstore")
+        self._wake = asyncio.Event()
+        self._outbox_wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a store call on the store's one thread: commits fsync, and the
+        event loop must not wait on the disk."""
+        return await asyncio.get_running_loop().run_in_executor(self._db_exec, partial(fn, *args, **kwargs))
+
+    # -- lifecycle --------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._recover()
+        for coro in (self._dispatch_loop(), self._lease_loop(), self._outbox_loop()):
+            self._tasks.append(asyncio.create_task(coro))
+        self.wake()
+
+    def disconnect_all(self) -> None:
+        """Close every miner stream for shutdown. Their leases stand: the
+        miners reconnect to the restarted coordinator and deliver."""
+        self._stopping = True
+        for s in list(self.sessions.values()):
+            s.outbox.put_nowait(None)
+
+    async def stop(self) -> None:
+        self.disconnect_all()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with suppress(asyncio.CancelledError):
+                await t
+        self._db_exec.shutdown(wait=True)
+
+    async def _recover(self) -> None:
+        """Resume every job from its persisted state after a restart."""
+        for rec in await self.db(self.store.in_states, [st.HOLDING]):
+            await self._confirm_hold(rec)
+        # A result that was being checked when we died is gone with the
+        # process: hand the job out again.
+        for rec in await self.db(self.store.in_states, [st.VERIFYING]):
+            await self._retry_or_fail(rec, [st.VERIFYING], "coordinator restarted while verifying")
+        # Leased jobs keep their leases: the miner may reconnect and deliver;
+        # if not, the lease lapses and the lease loop requeues them.
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _publish(self, rec: JobRecord | None) -> None:
+        if rec is None:
+            return
+        log.info("job_state", job_id=rec.job_id, state=rec.state, miner_id=rec.miner_id or None,
+                 attempts=rec.attempts, detail=rec.status_detail or None)
+        self.watch_hub.publish(rec)
+
+    # -- client side ------------------------------------------------------
+
+    def price_of(self, workload: str, units: int) -> int:
+        s = self.settings
+        if workload == "matmul":
+            return s.matmul_base_price + -(-units * s.matmul_uait_per_gflop // 10**9)
+        raise InvalidArgument(f"no price for workload {workload}", field="spec.workload")
+
+    async def submit(self, caller: Principal, spec: cpb.JobSpec, request_id: str) -> JobRecord:
+        if not request_id:
+            raise InvalidArgument("request_id is required: any unique string; retries reuse it", field="request_id")
+        if len(request_id) > 128:
+            raise InvalidArgument("request_id is longer than 128 characters", field="request_id")
+        workload, params = workload_of(spec)
+        if spec.max_price <= 0:
+            raise InvalidArgument("max_price must be positive (uait)", field="spec.max_price", reason="BAD_AMOUNT")
+        price = self.price_of(workload.name, workload.work_units(params))
+        if price > spec.max_price:
+            raise FailedPrecondition(
+                f"the job costs {price} uait, above max_price {spec.max_price}",
+                reason="PRICE_ABOVE_MAX",
+                metadata={"price": str(price)},
+            )
+        spec_bytes = spec.SerializeToString(deterministic=True)
+        prior = await self.db(self.store.get_by_request, caller.name, request_id)
+        if prior is not None:
+            return self._same_request(prior, spec_bytes)
+        now = st.now_iso()
+        rec = JobRecord(
+            job_id=f"job_{int(time.time() * 1000):x}{secrets.token_hex(4)}",
+            client_name=caller.name, client_address=caller.address, request_id=request_id,
+            spec=spec_bytes, spec_sha256=crypto.sha256(spec_bytes), workload=workload.name,
+            state=st.HOLDING, attempts=0, miner_id="", lease_id="", lease_deadline=0.0,
+            max_price=spec.max_price, price=price, miner_amount=0, fee_amount=0, status_detail="",
+            verdict="", output_sha256=b"", usage=b"", receipt=b"", settlement=b"", hold_state="NONE",
+            create_time=now, update_time=now,
+        )
+        stored = await self.db(self.store.insert, rec)
+        if stored.job_id != rec.job_id:  # a concurrent retry won the insert
+            return self._same_request(stored, spec_bytes)
+        return await self._confirm_hold(stored)
+
+    @staticmethod
+    def _same_request(prior: JobRecord, spec_bytes: bytes) -> JobRecord:
+        if prior.spec != spec_bytes:
+            raise AlreadyExists("request_id was already used for a different job", field="request_id",
+                                reason="REQUEST_ID_REUSED")
+        return prior
+
+    async def _confirm_hold(self, rec: JobRecord) -> JobRecord:
+        try:
+            await self.wallet.place_hold(rec.job_id, rec.client_address, rec.max_price)
+        except WalletError as err:
+            if err.code.name in ("FAILED_PRECONDITION", "INVALID_ARGUMENT", "ALREADY_EXISTS"):
+                # Definitely refused: forget the job so a retry after funding
+                # starts clean.
+                await self.db(self.store.delete, rec.job_id, st.HOLDING)
+                log.info("job_refused", job_id=rec.job_id, reason=err.reason)
+            raise err.to_domain() from None
+        queued = await self.db(self.store.transition, rec.job_id, from_states=[st.HOLDING], state=st.QUEUED,
+                               hold_state="HELD")
+        if queued is None:
+            current = await self.db(self.store.get, rec.job_id)
+            assert current is not None
+            return current
+        self._publish(queued)
+        self.wake()
+        return queued
+
+    async def get(self, caller: Principal, job_id: str) -> JobRecord:
+        rec = await self.db(self.store.get, job_id) if job_id else None
+        # Another client's job is NOT_FOUND, so ids do not leak existence.
+        if rec is None or rec.client_name != caller.name:
+            raise NotFound(f"job {job_id!r} not found", field="job_id", reason="JOB_NOT_FOUND")
+        return rec
+
+    async def watch(self, caller: Principal, job_id: str) -> AsyncIterator[JobRecord]:
+        await self.get(caller, job_id)
+        q = self.watch_hub.subscribe(job_id)
+        try:
+            rec = await self.get(caller, job_id)
+            last = rec.update_time, rec.state
+            yield rec
+            while rec.state not in st.TERMINAL:
+                rec = await q.get()
+                if (rec.update_time, rec.state) <= last:
+                    continue
+                last = rec.update_time, rec.state
+                yield rec
+        finally:
+            self.watch_hub.unsubscribe(job_id, q)
+
+    # -- dispatch ---------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._dispatch()
+            except Exception:
+                log.exception("dispatch_error")
+
+    async def _dispatch(self) -> None:
+        queued = await self.db(self.store.in_states, [st.QUEUED], 500)
+        for rec in queued:
+            sessions = list(self.sessions.values())
+            spec = cpb.JobSpec.FromString(rec.spec)
+            req = spec.requirements
+            capable = [s for s in sessions if s.can_run(rec.workload, req)]
+            free = [s for s in capable if s.free_slots > 0]
+            if not free:
+                detail = (
+                    f"waiting for a free slot on {len(capable)} capable miner(s)"
+                    if capable else why_unplaceable(rec.workload, req, sessions)
+                )
+                if detail != rec.status_detail:
+                    self._publish(await self.db(self.store.transition, rec.job_id, from_states=[st.QUEUED],
+                                                status_detail=detail))
+                if not any(s.free_slots for s in sessions):
+                    return
+                continue
+            # Least loaded first, then the longest connected (stable miners).
+            session = min(free, key=lambda s: (1 - s.free_slots / s.slots, s.connected_at))
+            await self._assign(session, rec)
+
+    async def _assign(self, session: MinerSession, rec: JobRecord) -> None:
+        workload, params = workload_of(cpb.JobSpec.FromString(rec.spec))
+        lease_id = "lease_" + secrets.token_hex(8)
+        session.leases[lease_id] = (rec.job_id, workload.output_size(params))
+        deadline = time.time() + self.settings.lease_secs
+        assigned = await self.db(
+            self.store.transition, rec.job_id, from_states=[st.QUEUED], state=st.ASSIGNED,
+            miner_id=session.miner_id, lease_id=lease_id, lease_deadline=deadline,
+            attempts=rec.attempts + 1, status_detail="",
+        )
+        if assigned is None or self.sessions.get(session.miner_id) is not session:
+            session.leases.pop(lease_id, None)
+            if assigned is not None:  # the miner left while we committed
+                await self._retry_or_fail(assigned, st.LEASED, "miner disconnected", expect_lease=lease_id)
+            return
+        self._publish(assigned)
+        session.outbox.put_nowait(cpb.ConnectResponse(assignment=cpb.Assignment(
+            job_id=rec.job_id, lease_id=lease_id, job_spec=rec.spec,
+            lease_deadline_time=ts_from_datetime(_utc(deadline)),
+        )))
+
+    async def _retry_or_fail(
+        self, rec: JobRecord, from_states: Any, reason: str, *, expect_lease: str | None = None,
+        verdict: str = "",
+    ) -> JobRecord | None:
+        extra = {"verdict": verdict} if verdict else {}
+        if rec.attempts >= self.settings.max_attempts:
+            new = await self.db(
+                self.store.transition, rec.job_id, from_states=from_states, expect_lease=expect_lease,
+                state=st.FAILED, lease_id="", status_detail=f"failed after {rec.attempts} attempt(s): {reason}",
+                outbox=("release", reason.encode()), **extra,
+            )
+            self._outbox_wake.set()
+        else:
+            new = await self.db(
+                self.store.transition, rec.job_id, from_states=from_states, expect_lease=expect_lease,
+                state=st.QUEUED, lease_id="", lease_deadline=0.0, status_detail=f"requeued: {reason}", **extra,
+            )
+            self.wake()
+        self._publish(new)
+        return new
+
+    # -- miner side -------------------------------------------------------
+
+    async def miner_joined(self, session: MinerSession) -> None:
+        old = self.sessions.get(session.miner_id)
+        if old is not None:
+            # The newest stream wins; the old one is told to go away.
+            old.outbox.put_nowait(None)
+        self.sessions[session.miner_id] = session
+        # Leases the miner held before (a reconnect): keep them on the new
+        # session so its results are accepted.
+        for rec in await self.db(self.store.in_states, st.LEASED):
+            if rec.miner_id == session.miner_id:
+                workload, params = workload_of(cpb.JobSpec.FromString(rec.spec))
+                session.leases[rec.lease_id] = (rec.job_id, workload.output_size(params))
+        log.info("miner_joined", miner_id=session.miner_id, slots=session.slots, gpu=session.gpu,
+                 workloads=sorted(session.workloads))
+        self.wake()
+
+    async def miner_left(self, session: MinerSession, reason: str) -> None:
+        if self.sessions.get(session.miner_id) is session and not self._stopping:
+            del self.sessions[session.miner_id]
+            # A cut stream is a lapsed lease: requeue now rather than wait.
+            for lease_id in list(session.leases):
+                job_id = session.leases.pop(lease_id)[0]
+                rec = await self.db(self.store.get, job_id)
+                if rec is not None and rec.lease_id == lease_id and rec.state in st.LEASED:
+                    await self._retry_or_fail(rec, st.LEASED, f"miner {session.miner_id} disconnected",
+                                              expect_lease=lease_id)
+        for up in session.uploads.values():
+            up.path.unlink(missing_ok=True)
+        log.info("miner_left", miner_id=session.miner_id, reason=reason)
+        self.wake()
+
+    async def heartbeat(self, session: MinerSession) -> None:
+        await self.db(self.store.extend_leases, session.miner_id, time.time() + self.settings.lease_secs)
+
+    def _lease_of(self, session: MinerSession, lease_id: str) -> str | None:
+        entry = session.leases.get(lease_id)
+        if entry is None:
+            log.warning("stale_lease_refused", miner_id=session.miner_id, lease_id=lease_id)
+            return None
+        return entry[0]
+
+    async def accepted(self, session: MinerSession, lease_id: str) -> None:
+        job_id = self._lease_of(session, lease_id)
+        if job_id is None:
+            return
+        self._publish(await self.db(self.store.transition, job_id, from_states=[st.ASSIGNED],
+                                    expect_lease=lease_id, state=st.RUNNING))
+
+    def chunk(self, session: MinerSession, c: cpb.ResultChunk) -> None:
+        entry = session.leases.get(c.lease_id)
+        if entry is None:
+            return
+        up = session.uploads.get(c.lease_id)
+        if up is None:
+            up = session.uploads[c.lease_id] = Upload(self.blobs / "incoming" / c.lease_id, entry[1])
+            up.path.write_bytes(b"")
+        if c.offset != up.size or up.size + len(c.data) > up.limit:
+            log.warning("bad_chunk", lease_id=c.lease_id, offset=c.offset, size=up.size, limit=up.limit)
+            up.size = up.limit + 1  # poison: the result will be refused
+            return
+        with up.path.open("ab") as f:
+            f.write(c.data)
+        up.sha.update(c.data)
+        up.size += len(c.data)
+
+    async def result(self, session: MinerSession, res: cpb.JobResult) -> None:
+        lease_id = res.lease_id
+        job_id = self._lease_of(session, lease_id)
+        if job_id is None:
+            await self._ack(session, lease_id, "VERDICT_UNSPECIFIED", "stale or unknown lease: result refused")
+            return
+        up = session.uploads.pop(lease_id, None)
+        session.leases.pop(lease_id, None)
+        rec = await self.db(self.store.transition, job_id, from_states=st.LEASED, expect_lease=lease_id,
+                            state=st.VERIFYING)
+        if rec is None:
+            await self._ack(session, lease_id, "VERDICT_UNSPECIFIED", "lease no longer valid: result refused")
+            if up:
+                up.path.unlink(missing_ok=True)
+            self.wake()
+            return
+        self._publish(rec)
+        output = b""
+        if up is not None and up.size <= up.limit:
+            output = await asyncio.to_thread(up.path.read_bytes)
+        outcome = await asyncio.to_thread(
+            check_result, network_id=self.settings.network_id, job=rec, lease_id=lease_id,
+            miner_key=session.public_key, receipt=res.receipt, output=output,
+        )
+        log.info("result_checked", job_id=job_id, miner_id=session.miner_id, verdict=outcome.verdict,
+                 detail=outcome.detail)
+        if outcome.verdict != ACCEPTED:
+            if up:
+                up.path.unlink(missing_ok=True)
+            await self._ack(session, lease_id, f"VERDICT_{outcome.verdict}", outcome.detail)
+            await self._retry_or_fail(rec, [st.VERIFYING], f"result refused ({outcome.detail})",
+                                      verdict=outcome.verdict)
+            return
+        assert outcome.body is not None and up is not None
+        digest = outcome.body.output_sha256
+        blob = self.blobs / digest.hex()
+        await asyncio.to_thread(up.path.replace, blob)
+        fee = rec.price * self.settings.fee_bps // 10_000
+        miner_amount = rec.price - fee
+        settlement = seal(
+            signing_pb2.SettlementBody(
+                network_id=self.settings.network_id, job_id=rec.job_id, client_address=rec.client_address,
+                miner_address=session.payout_address, hold_amount=rec.max_price, miner_amount=miner_amount,
+                fee_amount=fee, receipt_sha256=crypto.sha256(res.receipt.body), verdict_time=ts_now(),
+            ),
+            crypto.SETTLEMENT_DOMAIN, self.key,
+        )
+        # The verdict and the intent to pay commit together: a crash after
+        # this pays exactly once, through the outbox.
+        settling = await self.db(
+            self.store.transition, rec.job_id, from_states=[st.VERIFYING], state=st.SETTLING,
+            verdict=ACCEPTED, output_sha256=digest, usage=outcome.body.usage.SerializeToString(),
+            receipt=res.receipt.SerializeToString(), settlement=settlement.SerializeToString(),
+            miner_amount=miner_amount, fee_amount=fee, status_detail="",
+            outbox=("settle", settlement.SerializeToString()),
+        )
+        self._publish(settling)
+        self._outbox_wake.set()
+        await self._ack(session, lease_id, "VERDICT_ACCEPTED", outcome.detail, miner_amount)
+        self.wake()
+
+    async def failure(self, session: MinerSession, f: cpb.JobFailure) -> None:
+        job_id = self._lease_of(session, f.lease_id)
+        if job_id is None:
+            return
+        session.leases.pop(f.lease_id, None)
+        up = session.uploads.pop(f.lease_id, None)
+        if up:
+            up.path.unlink(missing_ok=True)
+        rec = await self.db(self.store.get, job_id)
+        if rec is not None:
+            await self._retry_or_fail(rec, st.LEASED, f"miner reported: {f.reason[:500]}", expect_lease=f.lease_id)
+        self.wake()
+
+    async def _ack(self, session: MinerSession, lease_id: str, verdict: str, detail: str, amount: int = 0) -> None:
+        session.outbox.put_nowait(cpb.ConnectResponse(ack=cpb.ResultAck(
+            lease_id=lease_id, verdict=cpb.Verdict.Value(verdict), detail=detail, miner_amount=amount,
+        )))
+
+    # -- leases -----------------------------------------------------------
+
+    async def _lease_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                for rec in await self.db(self.store.lapsed_leases, time.time()):
+                    session = self.sessions.get(rec.miner_id)
+                    if session is not None:
+                        session.leases.pop(rec.lease_id, None)
+                        session.outbox.put_nowait(cpb.ConnectResponse(
+                            cancel=cpb.CancelAssignment(lease_id=rec.lease_id, reason="lease lapsed")))
+                    await self._retry_or_fail(rec, st.LEASED, "lease lapsed", expect_lease=rec.lease_id)
+            except Exception:
+                log.exception("lease_loop_error")
+
+    # -- settlement outbox --------------------------------------------------
+
+    async def _outbox_loop(self) -> None:
+        while True:
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._outbox_wake.wait(), timeout=1.0)
+            self._outbox_wake.clear()
+            try:
+                for item in await self.db(self.store.due_outbox, time.time()):
+                    await self._deliver(item)
+            except Exception:
+                log.exception("outbox_loop_error")
+
+    async def _deliver(self, item: st.OutboxItem) -> None:
+        try:
+            if item.kind == "settle":
+                hold = await self.wallet.settle(signing_pb2.Signed.FromString(item.payload))
+                new = await self.db(self.store.outbox_done, item.job_id, "settle", from_states=[st.SETTLING],
+                                    state=st.SETTLED, hold_state="SETTLED")
+                log.info("job_settled", job_id=item.job_id, miner_amount=hold.miner_amount,
+                         fee_amount=hold.fee_amount, refunded=hold.refunded_amount)
+            else:
+                await self.wallet.release(item.job_id, item.payload.decode(errors="replace"))
+                new = await self.db(self.store.outbox_done, item.job_id, "release", from_states=[],
+                                    hold_state="RELEASED")
+                log.info("hold_released", job_id=item.job_id)
+            self._publish(new)
+        except WalletError as err:
+            delay = min(30.0, 0.5 * 2 ** min(item.attempts, 6)) * random.uniform(0.8, 1.2)
+            log.warning("settlement_retry", job_id=item.job_id, kind=item.kind, error=str(err),
+                        retry_in=round(delay, 2))
+            await self.db(self.store.outbox_retry, item.job_id, item.kind, time.time() + delay, str(err))
+
+
+def _utc(epoch: float) -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(epoch, UTC)

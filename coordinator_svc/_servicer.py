@@ -1,0 +1,167 @@
+"""CoordinatorService and MinerGatewayService: proto <-> core."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+from google.protobuf.duration_pb2 import Duration
+
+from aitbc import crypto
+from aitbc.addresses import check_address
+from aitbc.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from aitbc.server import principal
+from aitbc.timeutil import ts_from_iso
+from aitbc.v1 import coordinator_pb2 as cpb
+from aitbc.v1 import coordinator_pb2_grpc
+from coordinator_svc import _store as st
+from coordinator_svc._jobs import Coordinator, MinerSession
+from coordinator_svc._store import JobRecord
+
+log = structlog.get_logger()
+
+HELLO_TIMEOUT = 10.0
+
+_STATE = {
+    st.HOLDING: cpb.JOB_STATE_QUEUED, st.QUEUED: cpb.JOB_STATE_QUEUED, st.ASSIGNED: cpb.JOB_STATE_ASSIGNED,
+    st.RUNNING: cpb.JOB_STATE_RUNNING, st.VERIFYING: cpb.JOB_STATE_VERIFYING, st.SETTLING: cpb.JOB_STATE_SETTLING,
+    st.SETTLED: cpb.JOB_STATE_SETTLED, st.FAILED: cpb.JOB_STATE_FAILED, st.CANCELLED: cpb.JOB_STATE_CANCELLED,
+    st.EXPIRED: cpb.JOB_STATE_EXPIRED,
+}
+
+
+def job_pb(rec: JobRecord) -> cpb.Job:
+    job = cpb.Job(
+        job_id=rec.job_id, state=_STATE[rec.state], spec=cpb.JobSpec.FromString(rec.spec),
+        client_address=rec.client_address, miner_id=rec.miner_id, attempts=rec.attempts, price=rec.price,
+        miner_amount=rec.miner_amount, fee_amount=rec.fee_amount, status_detail=rec.status_detail,
+        verdict=cpb.Verdict.Value(f"VERDICT_{rec.verdict}") if rec.verdict else cpb.VERDICT_UNSPECIFIED,
+        output_sha256=rec.output_sha256, create_time=ts_from_iso(rec.create_time),
+        update_time=ts_from_iso(rec.update_time),
+    )
+    if rec.usage:
+        job.usage.ParseFromString(rec.usage)
+    if rec.receipt:
+        job.receipt.ParseFromString(rec.receipt)
+    if rec.settlement:
+        job.settlement.ParseFromString(rec.settlement)
+    return job
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
+    def __init__(self, core: Coordinator) -> None:
+        self._core = core
+
+    async def SubmitJob(self, request: cpb.SubmitJobRequest, context: grpc.aio.ServicerContext) -> cpb.SubmitJobResponse:
+        caller = principal()
+        if not caller.address:
+            raise FailedPrecondition("this client token has no wallet address to pay from", reason="NO_ACCOUNT")
+        rec = await self._core.submit(caller, request.spec, request.request_id)
+        structlog.contextvars.bind_contextvars(job_id=rec.job_id)
+        return cpb.SubmitJobResponse(job=job_pb(rec))
+
+    async def GetJob(self, request: cpb.GetJobRequest, context: grpc.aio.ServicerContext) -> cpb.GetJobResponse:
+        return cpb.GetJobResponse(job=job_pb(await self._core.get(principal(), request.job_id)))
+
+    async def WatchJob(
+        self, request: cpb.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[cpb.WatchJobResponse]:
+        async for rec in self._core.watch(principal(), request.job_id):
+            yield cpb.WatchJobResponse(job=job_pb(rec))
+
+
+class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
+    def __init__(self, core: Coordinator) -> None:
+        self._core = core
+        self._cleanup: set[asyncio.Task[None]] = set()
+
+    async def Connect(
+        self, request_iterator: AsyncIterator[cpb.ConnectRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[cpb.ConnectResponse]:
+        caller = principal()
+        try:
+            first = await asyncio.wait_for(anext(request_iterator), timeout=HELLO_TIMEOUT)
+        except (StopAsyncIteration, TimeoutError):
+            raise FailedPrecondition("the stream must open with a hello", reason="HELLO_REQUIRED") from None
+        if first.WhichOneof("msg") != "hello":
+            raise FailedPrecondition("the stream must open with a hello", reason="HELLO_REQUIRED")
+        session = await self._register(caller.miner_id, caller.address, first.hello)
+        structlog.contextvars.bind_contextvars(miner_id=session.miner_id)
+        await self._core.miner_joined(session)
+        yield cpb.ConnectResponse(welcome=cpb.Welcome(
+            session_id=session.session_id, network_id=self._core.settings.network_id,
+            heartbeat_interval=Duration(seconds=int(self._core.settings.heartbeat_secs)),
+        ))
+        reader = asyncio.create_task(self._read(session, request_iterator))
+        reason = "stream closed by miner"
+        try:
+            while True:
+                get = asyncio.ensure_future(session.outbox.get())
+                done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    break
+                msg = get.result()
+                if msg is None:
+                    reason = "replaced by a newer stream or shutting down"
+                    break
+                yield msg
+        finally:
+            reader.cancel()
+            # Runs as its own task: the handler may be being cancelled.
+            task = asyncio.create_task(self._core.miner_left(session, reason))
+            self._cleanup.add(task)
+            task.add_done_callback(self._cleanup.discard)
+
+    async def _register(self, token_miner_id: str, token_address: str, hello: cpb.MinerHello) -> MinerSession:
+        if not hello.miner_id or len(hello.miner_id) > 128:
+            raise InvalidArgument("hello.miner_id is required (at most 128 characters)", field="hello.miner_id")
+        if token_miner_id and hello.miner_id != token_miner_id:
+            raise PermissionDenied(f"this token speaks for miner {token_miner_id!r}, not {hello.miner_id!r}",
+                                   reason="MINER_ID_MISMATCH")
+        key = crypto.check_public_key(hello.public_key, field="hello.public_key")
+        payout = hello.payout_address or token_address
+        check_address(payout, field="hello.payout_address")
+        caps = hello.capabilities
+        if caps.slots < 1 or caps.slots > 64:
+            raise InvalidArgument("capabilities.slots must be in 1..64", field="hello.capabilities.slots")
+        registered = await self._core.db(self._core.store.register_miner, hello.miner_id, key, payout)
+        if registered != key:
+            raise PermissionDenied(
+                f"miner {hello.miner_id!r} is registered with another key", reason="KEY_MISMATCH"
+            )
+        gpu = caps.accel == cpb.ACCEL_KIND_CUDA and len(caps.gpus) > 0
+        return MinerSession(
+            miner_id=hello.miner_id, public_key=key, payout_address=payout,
+            workloads=frozenset(caps.workloads), slots=caps.slots, gpu=gpu,
+            max_vram=max((g.memory_total_bytes for g in caps.gpus), default=0),
+        )
+
+    async def _read(self, session: MinerSession, requests: AsyncIterator[cpb.ConnectRequest]) -> None:
+        core = self._core
+        try:
+            async for req in requests:
+                kind = req.WhichOneof("msg")
+                if kind == "heartbeat":
+                    await core.heartbeat(session)
+                elif kind == "accepted":
+                    await core.accepted(session, req.accepted.lease_id)
+                elif kind == "chunk":
+                    core.chunk(session, req.chunk)
+                elif kind == "result":
+                    await core.result(session, req.result)
+                elif kind == "failure":
+                    await core.failure(session, req.failure)
+                else:
+                    log.warning("unexpected_miner_message", kind=kind)
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AioRpcError:
+            pass
+        except Exception:
+            log.exception("miner_stream_error")
+
+
+

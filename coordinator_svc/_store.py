@@ -1,0 +1,293 @@
+"""Job store (SQLite). Every transition is a compare-and-set on the job's
+state (and, where a miner speaks, its lease id: fencing), committed durably
+before anyone is told about it. The settlement outbox lives in the same
+database so a verdict and the intent to pay commit together."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id         TEXT PRIMARY KEY,
+    client_name    TEXT NOT NULL,
+    client_address TEXT NOT NULL,
+    request_id     TEXT NOT NULL,
+    spec           BLOB NOT NULL,
+    spec_sha256    BLOB NOT NULL,
+    workload       TEXT NOT NULL,
+    state          TEXT NOT NULL,
+    attempts       INTEGER NOT NULL DEFAULT 0,
+    miner_id       TEXT NOT NULL DEFAULT '',
+    lease_id       TEXT NOT NULL DEFAULT '',
+    lease_deadline REAL NOT NULL DEFAULT 0,
+    max_price      INTEGER NOT NULL,
+    price          INTEGER NOT NULL,
+    miner_amount   INTEGER NOT NULL DEFAULT 0,
+    fee_amount     INTEGER NOT NULL DEFAULT 0,
+    status_detail  TEXT NOT NULL DEFAULT '',
+    verdict        TEXT NOT NULL DEFAULT '',
+    output_sha256  BLOB NOT NULL DEFAULT x'',
+    usage          BLOB NOT NULL DEFAULT x'',
+    receipt        BLOB NOT NULL DEFAULT x'',
+    settlement     BLOB NOT NULL DEFAULT x'',
+    hold_state     TEXT NOT NULL DEFAULT 'NONE',
+    create_time    TEXT NOT NULL,
+    update_time    TEXT NOT NULL,
+    UNIQUE (client_name, request_id)
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, create_time);
+CREATE TABLE IF NOT EXISTS miners (
+    miner_id       TEXT PRIMARY KEY,
+    public_key     BLOB NOT NULL,
+    payout_address TEXT NOT NULL,
+    first_seen     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    job_id       TEXT NOT NULL,
+    kind         TEXT NOT NULL CHECK (kind IN ('settle', 'release')),
+    payload      BLOB NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL DEFAULT 0,
+    last_error   TEXT NOT NULL DEFAULT '',
+    done         INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (job_id, kind)
+);
+"""
+
+# Internal state before the wallet confirmed the hold; shown as QUEUED.
+HOLDING = "HOLDING"
+QUEUED, ASSIGNED, RUNNING, VERIFYING = "QUEUED", "ASSIGNED", "RUNNING", "VERIFYING"
+SETTLING, SETTLED, FAILED, CANCELLED, EXPIRED = "SETTLING", "SETTLED", "FAILED", "CANCELLED", "EXPIRED"
+TERMINAL = frozenset({SETTLED, FAILED, CANCELLED, EXPIRED})
+LEASED = (ASSIGNED, RUNNING)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    job_id: str
+    client_name: str
+    client_address: str
+    request_id: str
+    spec: bytes
+    spec_sha256: bytes
+    workload: str
+    state: str
+    attempts: int
+    miner_id: str
+    lease_id: str
+    lease_deadline: float
+    max_price: int
+    price: int
+    miner_amount: int
+    fee_amount: int
+    status_detail: str
+    verdict: str
+    output_sha256: bytes
+    usage: bytes
+    receipt: bytes
+    settlement: bytes
+    hold_state: str
+    create_time: str
+    update_time: str
+
+
+_COLUMNS = [f.name for f in fields(JobRecord)]
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    job_id: str
+    kind: str
+    payload: bytes
+    attempts: int
+
+
+class SqliteJobStore:
+    def __init__(self, path: Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    @staticmethod
+    def _get(db: sqlite3.Connection, job_id: str) -> JobRecord | None:
+        row = db.execute(f"{_SELECT} WHERE job_id = ?", (job_id,)).fetchone()
+        return JobRecord(*row) if row else None
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            return self._get(self._db, job_id)
+
+    def get_by_request(self, client_name: str, request_id: str) -> JobRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                f"{_SELECT} WHERE client_name = ? AND request_id = ?", (client_name, request_id)
+            ).fetchone()
+        return JobRecord(*row) if row else None
+
+    def insert(self, rec: JobRecord) -> JobRecord:
+        """Insert a new job; if (client, request_id) exists, return that one."""
+        with self._tx() as db:
+            row = db.execute(
+                f"{_SELECT} WHERE client_name = ? AND request_id = ?", (rec.client_name, rec.request_id)
+            ).fetchone()
+            if row:
+                return JobRecord(*row)
+            db.execute(
+                f"INSERT INTO jobs({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+                [getattr(rec, c) for c in _COLUMNS],
+            )
+            return rec
+
+    def delete(self, job_id: str, state: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM jobs WHERE job_id = ? AND state = ?", (job_id, state))
+
+    def transition(
+        self,
+        job_id: str,
+        *,
+        from_states: Iterable[str],
+        expect_lease: str | None = None,
+        outbox: tuple[str, bytes] | None = None,
+        **changes: Any,
+    ) -> JobRecord | None:
+        """Apply `changes` if the job is in one of `from_states` (and holds
+        `expect_lease`, when given). Returns the new record, or None when the
+        condition failed: someone else moved the job first, or the lease is
+        stale."""
+        unknown = set(changes) - set(_COLUMNS)
+        assert not unknown, unknown
+        with self._tx() as db:
+            cur = self._get(db, job_id)
+            if cur is None or cur.state not in set(from_states):
+                return None
+            if expect_lease is not None and cur.lease_id != expect_lease:
+                return None
+            changes["update_time"] = now_iso()
+            sets = ", ".join(f"{k} = ?" for k in changes)
+            db.execute(f"UPDATE jobs SET {sets} WHERE job_id = ?", [*changes.values(), job_id])
+            if outbox is not None:
+                db.execute(
+                    "INSERT OR IGNORE INTO outbox(job_id, kind, payload) VALUES (?, ?, ?)",
+                    (job_id, outbox[0], outbox[1]),
+                )
+            return self._get(db, job_id)
+
+    def in_states(self, states: Iterable[str], limit: int = 1000) -> list[JobRecord]:
+        states = list(states)
+        with self._lock:
+            rows = self._db.execute(
+                f"{_SELECT} WHERE state IN ({', '.join('?' * len(states))}) ORDER BY create_time LIMIT ?",
+                [*states, limit],
+            ).fetchall()
+        return [JobRecord(*r) for r in rows]
+
+    def lapsed_leases(self, now: float) -> list[JobRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                f"{_SELECT} WHERE state IN (?, ?) AND lease_deadline < ?", (*LEASED, now)
+            ).fetchall()
+        return [JobRecord(*r) for r in rows]
+
+    def extend_leases(self, miner_id: str, deadline: float) -> int:
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET lease_deadline = ? WHERE miner_id = ? AND state IN (?, ?)",
+                (deadline, miner_id, *LEASED),
+            )
+            return cur.rowcount
+
+    # -- miners ----------------------------------------------------------
+
+    def register_miner(self, miner_id: str, public_key: bytes, payout_address: str) -> bytes:
+        """Trust the first key a miner id presents; return the registered
+        key (which the caller compares with the one presented)."""
+        with self._tx() as db:
+            row = db.execute("SELECT public_key FROM miners WHERE miner_id = ?", (miner_id,)).fetchone()
+            if row:
+                db.execute("UPDATE miners SET payout_address = ? WHERE miner_id = ?", (payout_address, miner_id))
+                return bytes(row[0])
+            db.execute(
+                "INSERT INTO miners(miner_id, public_key, payout_address, first_seen) VALUES (?, ?, ?, ?)",
+                (miner_id, public_key, payout_address, now_iso()),
+            )
+            return public_key
+
+    def miner(self, miner_id: str) -> tuple[bytes, str] | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT public_key, payout_address FROM miners WHERE miner_id = ?", (miner_id,)
+            ).fetchone()
+        return (bytes(row[0]), row[1]) if row else None
+
+    # -- outbox ----------------------------------------------------------
+
+    def due_outbox(self, now: float, limit: int = 100) -> list[OutboxItem]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT job_id, kind, payload, attempts FROM outbox WHERE done = 0 AND next_attempt <= ? "
+                "ORDER BY next_attempt LIMIT ?",
+                (now, limit),
+            ).fetchall()
+        return [OutboxItem(r[0], r[1], bytes(r[2]), r[3]) for r in rows]
+
+    def outbox_retry(self, job_id: str, kind: str, next_attempt: float, error: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt = ?, last_error = ? "
+                "WHERE job_id = ? AND kind = ?",
+                (next_attempt, error[:500], job_id, kind),
+            )
+
+    def outbox_done(self, job_id: str, kind: str, *, from_states: Iterable[str], **changes: Any) -> JobRecord | None:
+        """Mark an outbox item delivered and move its job, in one commit."""
+        states = list(from_states)
+        with self._tx() as db:
+            db.execute("UPDATE outbox SET done = 1 WHERE job_id = ? AND kind = ?", (job_id, kind))
+            cur = self._get(db, job_id)
+            if cur is None:
+                return None
+            if cur.state in states:
+                changes["update_time"] = now_iso()
+                sets = ", ".join(f"{k} = ?" for k in changes)
+                db.execute(f"UPDATE jobs SET {sets} WHERE job_id = ?", [*changes.values(), job_id])
+            elif "hold_state" in changes:
+                db.execute(
+                    "UPDATE jobs SET hold_state = ?, update_time = ? WHERE job_id = ?",
+                    (changes["hold_state"], now_iso(), job_id),
+                )
+            return self._get(db, job_id)
+
+    def pending_outbox_count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM outbox WHERE done = 0").fetchone()[0])

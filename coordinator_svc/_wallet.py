@@ -1,0 +1,60 @@
+"""The coordinator's client of the wallet, as its service identity. Every
+call has a deadline."""
+
+from __future__ import annotations
+
+import grpc
+
+from aitbc.auth import auth_metadata
+from aitbc.errors import AitbcError, FailedPrecondition, Unavailable
+from aitbc.rpc import error_reason, insecure_channel
+from aitbc.v1 import signing_pb2, wallet_pb2, wallet_pb2_grpc
+
+CALL_TIMEOUT = 5.0
+
+
+class WalletError(Exception):
+    def __init__(self, code: grpc.StatusCode, reason: str, message: str) -> None:
+        super().__init__(f"{code.name} {reason}: {message}")
+        self.code = code
+        self.reason = reason
+        self.message = message
+
+    def to_domain(self) -> AitbcError:
+        """What a client of the coordinator is told."""
+        if self.code == grpc.StatusCode.FAILED_PRECONDITION:
+            return FailedPrecondition(f"wallet refused the hold: {self.message}", reason=self.reason or "HOLD_REFUSED")
+        return Unavailable(
+            "the wallet is unavailable; retry with the same request_id", reason="WALLET_UNAVAILABLE"
+        )
+
+
+class WalletClient:
+    def __init__(self, target: str, token: str) -> None:
+        self._channel = insecure_channel(target)
+        self._stub = wallet_pb2_grpc.WalletServiceStub(self._channel)
+        self._md = auth_metadata(token)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method: str, request: object) -> object:
+        try:
+            return await getattr(self._stub, method)(request, metadata=self._md, timeout=CALL_TIMEOUT)
+        except grpc.aio.AioRpcError as err:
+            raise WalletError(err.code(), error_reason(err), err.details() or "") from None
+
+    async def place_hold(self, job_id: str, address: str, amount: int) -> wallet_pb2.Hold:
+        resp = await self._call("PlaceHold", wallet_pb2.PlaceHoldRequest(job_id=job_id, address=address, amount=amount))
+        assert isinstance(resp, wallet_pb2.PlaceHoldResponse)
+        return resp.hold
+
+    async def settle(self, settlement: signing_pb2.Signed) -> wallet_pb2.Hold:
+        resp = await self._call("SettleHold", wallet_pb2.SettleHoldRequest(settlement=settlement))
+        assert isinstance(resp, wallet_pb2.SettleHoldResponse)
+        return resp.hold
+
+    async def release(self, job_id: str, reason: str) -> wallet_pb2.Hold:
+        resp = await self._call("ReleaseHold", wallet_pb2.ReleaseHoldRequest(job_id=job_id, reason=reason))
+        assert isinstance(resp, wallet_pb2.ReleaseHoldResponse)
+        return resp.hold

@@ -1,0 +1,59 @@
+"""Composition of the coordinator server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from aitbc.auth import TokenTable
+from aitbc.config import Option
+from aitbc.server import Service
+from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc
+from coordinator_svc._jobs import Coordinator
+from coordinator_svc._servicer import CoordinatorServicer, MinerGatewayServicer
+
+OPTIONS = [
+    Option("HOST", str, "127.0.0.1", "address to listen on"),
+    Option("PORT", int, 50051, "port to listen on (0 picks a free one)"),
+    Option("DB_PATH", Path, Path("var/coordinator.sqlite"), "SQLite job store"),
+    Option("BLOBS_DIR", Path, Path("var/blobs"), "content-addressed job outputs"),
+    Option("TOKENS_FILE", Path, Path("var/dev/principals.json"), "principals and token hashes (JSON)"),
+    Option("KEY_FILE", Path, Path("var/dev/coordinator.key"), "Ed25519 key that signs settlements (0600)"),
+    Option("WALLET_TARGET", str, "127.0.0.1:50052", "wallet gRPC address"),
+    Option("WALLET_TOKEN", str, "", "bearer token of the coordinator's identity at the wallet"),
+    Option("NETWORK_ID", str, "aitbc-devnet", "network receipts and settlements name"),
+    Option("HEARTBEAT_SECS", float, 5.0, "heartbeat interval asked of miners"),
+    Option("LEASE_SECS", float, 30.0, "lease length; heartbeats extend it"),
+    Option("MAX_ATTEMPTS", int, 3, "dispatch attempts before a job fails"),
+    Option("FEE_BPS", int, 500, "treasury fee, in basis points of the price"),
+    Option("MATMUL_BASE_PRICE", int, 1000, "matmul: uait per job"),
+    Option("MATMUL_UAIT_PER_GFLOP", int, 1000, "matmul: uait per GFLOP of the verified product"),
+    Option("READY_FILE", str, "", "write the bound port here once serving"),
+    Option("LOG_LEVEL", str, "info", "debug, info, warning or error"),
+    Option("SHUTDOWN_GRACE", float, 5.0, "seconds in-flight calls get on shutdown"),
+]
+
+
+@dataclass
+class CoordinatorDeps:
+    core: Coordinator
+    tokens: TokenTable
+
+
+def build_server(config: dict, deps: CoordinatorDeps) -> tuple[Service, int]:
+    client = CoordinatorServicer(deps.core)
+    gateway = MinerGatewayServicer(deps.core)
+    service = Service(
+        services=[
+            coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"],
+            coordinator_pb2.DESCRIPTOR.services_by_name["MinerGatewayService"],
+        ],
+        register=[
+            lambda s: coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(client, s),
+            lambda s: coordinator_pb2_grpc.add_MinerGatewayServiceServicer_to_server(gateway, s),
+        ],
+        tokens=deps.tokens,
+        host=config["HOST"],
+        port=config["PORT"],
+    )
+    return service, service.port

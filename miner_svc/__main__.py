@@ -1,0 +1,104 @@
+"""python -m miner_svc [flags]: the miner sidecar.
+
+Reads the seed guide's env-style config (--config or AITBC_CONFIG, e.g.
+/etc/aitbc/miner.conf); the environment and flags override it."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import structlog
+
+from aitbc import config as cfg
+from aitbc.addresses import address_of, check_address
+from aitbc.crypto import load_or_create_key
+from aitbc.errors import InvalidArgument
+from aitbc.logs import setup_logging
+from aitbc.server import write_ready_file
+from miner_svc._agent import FatalMinerError, MinerAgent, MinerConfig, ensure_dir
+from miner_svc._gpu import inventory
+from miner_svc._worker import WorkerPool
+
+log = structlog.get_logger()
+
+OPTIONS = [
+    cfg.Option("COORD_URL", str, "127.0.0.1:50051", "coordinator gRPC address (host:port)", bare_env=True),
+    cfg.Option("WALLET_ADDR", str, "", "payout address (default: the address of this miner's key)", bare_env=True),
+    cfg.Option("API_KEY", str, "", "miner bearer token issued by the network", bare_env=True),
+    cfg.Option("MINER_ID", str, socket.gethostname() + "-gpu0", "stable miner id", bare_env=True),
+    cfg.Option("WORK_DIR", Path, Path("/tmp/aitbc-work"), "scratch space and the key file", bare_env=True),
+    cfg.Option("HEARTBEAT_SECS", float, 20.0, "fallback heartbeat interval (the coordinator sets it)", bare_env=True),
+    cfg.Option("MAX_CONCURRENCY", int, 1, "job slots (one per GPU at most in GPU mode)", bare_env=True),
+    cfg.Option("ACCEL_MODE", str, "auto", "auto, gpu or cpu", bare_env=True),
+    cfg.Option("KEY_FILE", Path, None, "Ed25519 receipt key (default WORK_DIR/miner.key)", bare_env=True),
+    cfg.Option("READY_FILE", str, "", "touched once connected (for supervisors and tests)"),
+    cfg.Option("LOG_LEVEL", str, "info", "debug, info, warning or error"),
+]
+
+
+def main(argv: list[str]) -> int:
+    conf = cfg.load(OPTIONS, prog="miner_svc", argv=argv, env_prefix="AITBC_MINER_")
+    setup_logging("miner", conf["LOG_LEVEL"])
+    mode = conf["ACCEL_MODE"].lower()
+    if mode not in ("auto", "gpu", "cpu"):
+        raise SystemExit(f"ACCEL_MODE must be auto, gpu or cpu, not {mode!r}")
+    if not conf["API_KEY"]:
+        raise SystemExit("API_KEY is required: the miner token the network issued you")
+    gpus = inventory() if mode != "cpu" else []
+    if mode == "gpu" and not gpus:
+        raise SystemExit(
+            "ACCEL_MODE=gpu but no GPU is usable: check `nvidia-smi`, the NVIDIA driver, and that "
+            "nvidia-ml-py can load libnvidia-ml.so; or set ACCEL_MODE=auto to fall back to CPU"
+        )
+    device = "cuda" if gpus else "cpu"
+    work_dir = ensure_dir(conf["WORK_DIR"])
+    key = load_or_create_key(conf["KEY_FILE"] or work_dir / "miner.key")
+    payout = conf["WALLET_ADDR"] or address_of(key.public_key)
+    try:
+        check_address(payout, field="WALLET_ADDR")
+    except InvalidArgument as exc:
+        raise SystemExit(f"WALLET_ADDR: {exc.message}") from None
+    slots = max(1, conf["MAX_CONCURRENCY"])
+    if gpus:
+        slots = min(slots, len(gpus))
+    config = MinerConfig(
+        coord_url=conf["COORD_URL"], api_key=conf["API_KEY"], miner_id=conf["MINER_ID"], payout_address=payout,
+        work_dir=work_dir, heartbeat_secs=conf["HEARTBEAT_SECS"], slots=slots, device=device, gpus=tuple(gpus),
+    )
+    log.info("miner_starting", miner_id=config.miner_id, device=device, slots=slots, gpus=len(gpus),
+             payout_address=payout, public_key=key.public_key.hex())
+    return asyncio.run(serve(config, key, conf["READY_FILE"]))
+
+
+async def serve(config: MinerConfig, key, ready_file: str) -> int:  # type: ignore[no-untyped-def]
+    pool = WorkerPool(config.slots)
+    pool.warm()
+    agent = MinerAgent(config, key, pool)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def announce_ready() -> None:
+        await agent.on_welcome.wait()
+        write_ready_file(ready_file, 0)
+
+    ready = asyncio.create_task(announce_ready())
+    try:
+        await agent.run_forever(stop)
+    except FatalMinerError as exc:
+        log.error("miner_refused", error=str(exc))
+        return 2
+    finally:
+        ready.cancel()
+        pool.shutdown()
+    log.info("miner_stopped", earned_uait=agent.earned)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,227 @@
+"""The sidecar's connection to the coordinator: out-bound only, one stream,
+work pushed down it. Reconnects with exponential backoff and jitter."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import secrets
+import shutil
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import structlog
+from google.protobuf.duration_pb2 import Duration
+
+from aitbc import crypto
+from aitbc.auth import auth_metadata
+from aitbc.rpc import error_reason, insecure_channel
+from aitbc.signed import seal
+from aitbc.timeutil import ts_now
+from aitbc.v1 import coordinator_pb2 as cpb
+from aitbc.v1 import coordinator_pb2_grpc, signing_pb2
+from miner_svc._gpu import Gpu
+from miner_svc._worker import WorkerPool
+
+log = structlog.get_logger()
+
+CHUNK_BYTES = 1024 * 1024
+# Errors a reconnect cannot fix: the operator must.
+FATAL_CODES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+               grpc.StatusCode.INVALID_ARGUMENT}
+
+
+@dataclass(frozen=True)
+class MinerConfig:
+    coord_url: str
+    api_key: str
+    miner_id: str
+    payout_address: str
+    work_dir: Path
+    heartbeat_secs: float
+    slots: int
+    device: str  # "cuda" or "cpu"
+    gpus: tuple[Gpu, ...]
+
+
+class FatalMinerError(Exception):
+    pass
+
+
+class MinerAgent:
+    def __init__(self, config: MinerConfig, key: crypto.KeyPair, pool: WorkerPool) -> None:
+        self.config = config
+        self.key = key
+        self.pool = pool
+        self.network_id = ""
+        self.earned = 0
+        self.on_welcome: asyncio.Event = asyncio.Event()
+        self._running: dict[str, asyncio.Task[None]] = {}
+
+    def hello(self) -> cpb.MinerHello:
+        c = self.config
+        return cpb.MinerHello(
+            miner_id=c.miner_id, public_key=self.key.public_key, payout_address=c.payout_address,
+            capabilities=cpb.Capabilities(
+                workloads=["matmul"], slots=c.slots,
+                accel=cpb.ACCEL_KIND_CUDA if c.device == "cuda" else cpb.ACCEL_KIND_CPU,
+                gpus=[cpb.GpuInfo(index=g.index, name=g.name, uuid=g.uuid, memory_total_bytes=g.memory_total_bytes,
+                                  driver_version=g.driver_version, cuda_version=g.cuda_version) for g in c.gpus],
+            ),
+        )
+
+    async def run_forever(self, stop: asyncio.Event) -> None:
+        backoff = 0.5
+        while not stop.is_set():
+            try:
+                await self._session(stop)
+                backoff = 0.5
+            except FatalMinerError:
+                raise
+            except grpc.aio.AioRpcError as err:
+                if err.code() in FATAL_CODES:
+                    raise FatalMinerError(
+                        f"coordinator refused this miner: {err.code().name} {error_reason(err)}: {err.details()}"
+                    ) from None
+                log.warning("coordinator_unreachable", code=err.code().name, details=err.details())
+            if stop.is_set():
+                break
+            delay = backoff * random.uniform(0.5, 1.5)
+            log.info("reconnecting", in_seconds=round(delay, 2))
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+            backoff = min(backoff * 2, 30.0)
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        out: asyncio.Queue[cpb.ConnectRequest | None] = asyncio.Queue()
+        out.put_nowait(cpb.ConnectRequest(hello=self.hello()))
+
+        async def requests() -> AsyncIterator[cpb.ConnectRequest]:
+            while True:
+                msg = await out.get()
+                if msg is None:
+                    return
+                yield msg
+
+        channel = insecure_channel(self.config.coord_url)
+        try:
+            stub = coordinator_pb2_grpc.MinerGatewayServiceStub(channel)
+            call = stub.Connect(requests(), metadata=auth_metadata(self.config.api_key))
+            heartbeat: asyncio.Task[None] | None = None
+            stopper = asyncio.create_task(stop.wait())
+            try:
+                responses = call.__aiter__()
+                while True:
+                    nxt = asyncio.ensure_future(anext(responses))
+                    done, _ = await asyncio.wait({nxt, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                    if nxt not in done:
+                        nxt.cancel()
+                        break
+                    try:
+                        msg = nxt.result()
+                    except StopAsyncIteration:
+                        log.info("stream_closed_by_coordinator")
+                        break
+                    kind = msg.WhichOneof("msg")
+                    if kind == "welcome":
+                        self.network_id = msg.welcome.network_id
+                        interval = msg.welcome.heartbeat_interval.ToTimedelta().total_seconds() or 5.0
+                        heartbeat = asyncio.create_task(self._heartbeats(out, interval))
+                        log.info("connected", session_id=msg.welcome.session_id, network_id=self.network_id)
+                        self.on_welcome.set()
+                    elif kind == "assignment":
+                        a = msg.assignment
+                        self._running[a.lease_id] = asyncio.create_task(self._run(a, out))
+                    elif kind == "cancel":
+                        task = self._running.pop(msg.cancel.lease_id, None)
+                        if task:
+                            task.cancel()
+                        log.info("assignment_cancelled", lease_id=msg.cancel.lease_id, reason=msg.cancel.reason)
+                    elif kind == "ack":
+                        ack = msg.ack
+                        if ack.verdict == cpb.VERDICT_ACCEPTED:
+                            self.earned += ack.miner_amount
+                        log.info("result_acknowledged", lease_id=ack.lease_id,
+                                 verdict=cpb.Verdict.Name(ack.verdict), detail=ack.detail,
+                                 miner_amount=ack.miner_amount)
+            finally:
+                stopper.cancel()
+                if heartbeat:
+                    heartbeat.cancel()
+                for task in self._running.values():
+                    task.cancel()
+                self._running.clear()
+                out.put_nowait(None)
+                call.cancel()
+        finally:
+            self.on_welcome.clear()
+            await channel.close()
+
+    async def _heartbeats(self, out: asyncio.Queue[cpb.ConnectRequest | None], interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            free = max(0, self.config.slots - len(self._running))
+            out.put_nowait(cpb.ConnectRequest(heartbeat=cpb.MinerHeartbeat(free_slots=free)))
+
+    async def _run(self, a: cpb.Assignment, out: asyncio.Queue[cpb.ConnectRequest | None]) -> None:
+        structlog.contextvars.bind_contextvars(job_id=a.job_id, lease_id=a.lease_id)
+        job_dir = self.config.work_dir / "jobs" / a.lease_id
+        try:
+            out.put_nowait(cpb.ConnectRequest(accepted=cpb.AssignmentAccepted(lease_id=a.lease_id)))
+            log.info("job_started", device=self.config.device)
+            start = ts_now()
+            fut = self.pool.submit(a.job_spec, self.config.device, job_dir / "output.bin")
+            outcome = await asyncio.wrap_future(fut)
+            finish = ts_now()
+            body = signing_pb2.ReceiptBody(
+                network_id=self.network_id, job_id=a.job_id, lease_id=a.lease_id, miner_id=self.config.miner_id,
+                job_spec_sha256=crypto.sha256(a.job_spec), output_sha256=outcome.output_sha256,
+                output_size_bytes=outcome.output_size,
+                usage=signing_pb2.Usage(
+                    device=outcome.device, run_duration=_duration(outcome.run_seconds), flops=outcome.flops,
+                    tflops=outcome.tflops, energy_joules=outcome.energy_joules,
+                ),
+                start_time=start, finish_time=finish, nonce=secrets.token_bytes(16),
+            )
+            receipt = seal(body, crypto.RECEIPT_DOMAIN, self.key)
+            await self._upload(Path(outcome.output_path), a.lease_id, out)
+            out.put_nowait(cpb.ConnectRequest(result=cpb.JobResult(lease_id=a.lease_id, receipt=receipt)))
+            log.info("job_finished", tflops=round(outcome.tflops, 4), seconds=round(outcome.run_seconds, 4))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("job_failed", error=repr(exc))
+            out.put_nowait(cpb.ConnectRequest(failure=cpb.JobFailure(lease_id=a.lease_id, reason=repr(exc)[:500])))
+        finally:
+            self._running.pop(a.lease_id, None)
+            shutil.rmtree(job_dir, ignore_errors=True)
+
+    async def _upload(self, path: Path, lease_id: str, out: asyncio.Queue[cpb.ConnectRequest | None]) -> None:
+        offset = 0
+        with path.open("rb") as f:
+            while True:
+                data = await asyncio.to_thread(f.read, CHUNK_BYTES)
+                if not data:
+                    break
+                out.put_nowait(cpb.ConnectRequest(chunk=cpb.ResultChunk(lease_id=lease_id, offset=offset, data=data)))
+                offset += len(data)
+                # Let the stream drain so a large result does not pile up in memory.
+                while out.qsize() > 4:
+                    await asyncio.sleep(0.005)
+
+
+def _duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def ensure_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path

@@ -1,0 +1,68 @@
+"""The torch side of matmul. Runs inside a worker process."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from aitbc.workloads.matmul import MatmulParams, make_inputs
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    output_path: str
+    output_sha256: bytes
+    output_size: int
+    device: str
+    run_seconds: float
+    flops: int
+    tflops: float
+    energy_joules: float
+
+
+def run_matmul(params: MatmulParams, device: str, out_path: Path) -> RunOutcome:
+    import torch
+
+    tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[params.dtype]
+    dev = torch.device(device)
+    # Full fp32 precision: TF32 would put honest fp32 results outside the
+    # tolerance the coordinator checks against.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    a32, b32 = make_inputs(params)
+    with torch.inference_mode():
+        a = torch.from_numpy(a32).to(dev).to(tdtype)
+        b = torch.from_numpy(b32).to(dev).to(tdtype)
+        c = a @ b  # warm-up, and the product that is returned
+        _sync(torch, dev)
+        start = time.perf_counter()
+        for _ in range(params.repeats):
+            c = a @ b
+        _sync(torch, dev)
+        elapsed = time.perf_counter() - start
+        host = c.cpu().contiguous()
+        if params.dtype == "bf16":
+            data = host.view(torch.int16).numpy().tobytes()
+        else:
+            data = host.numpy().tobytes()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_bytes(data)
+    flops = params.flops * params.repeats
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    return RunOutcome(
+        output_path=str(out_path),
+        output_sha256=hashlib.sha256(data).digest(),
+        output_size=len(data),
+        device=f"cuda:{name}" if dev.type == "cuda" else "cpu",
+        run_seconds=elapsed,
+        flops=flops,
+        tflops=flops / elapsed / 1e12 if elapsed > 0 else 0.0,
+        energy_joules=0.0,
+    )
+
+
+def _sync(torch: object, dev: object) -> None:
+    if getattr(dev, "type", "cpu") == "cuda":
+        torch.cuda.synchronize(dev)  # type: ignore[attr-defined]

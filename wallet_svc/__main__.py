@@ -1,0 +1,64 @@
+"""python -m wallet_svc [flags]      serve the wallet
+python -m wallet_svc check [flags] recompute every balance from the journal;
+                                   exit 1 on any difference."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import structlog
+
+from aitbc import config as cfg
+from aitbc.addresses import check_address
+from aitbc.auth import TokenTable
+from aitbc.crypto import check_public_key
+from aitbc.logs import setup_logging
+from aitbc.server import wait_for_shutdown_signal, write_ready_file
+from wallet_svc._ledger import SqliteLedger
+from wallet_svc.server import OPTIONS, WalletDeps, build_server
+
+log = structlog.get_logger()
+
+
+def main(argv: list[str]) -> int:
+    command = "serve"
+    if argv and argv[0] in ("serve", "check"):
+        command, argv = argv[0], argv[1:]
+    conf = cfg.load(OPTIONS, prog=f"wallet_svc {command}", argv=argv, env_prefix="AITBC_WALLET_")
+    setup_logging("wallet", conf["LOG_LEVEL"])
+    if not conf["TREASURY_ADDRESS"]:
+        raise SystemExit("TREASURY_ADDRESS is required (--treasury-address)")
+    check_address(conf["TREASURY_ADDRESS"])
+    ledger = SqliteLedger(conf["DB_PATH"], conf["TREASURY_ADDRESS"])
+    if command == "check":
+        problems = ledger.check()
+        for p in problems:
+            print(f"MISMATCH {p}")
+        print(f"checked ledger {conf['DB_PATH']}: minted {ledger.minted()} uait, "
+              f"{'clean' if not problems else f'{len(problems)} problem(s)'}")
+        return 1 if problems else 0
+    try:
+        check_public_key(bytes.fromhex(conf["COORDINATOR_PUBLIC_KEY"]))
+    except ValueError:
+        raise SystemExit("COORDINATOR_PUBLIC_KEY must be a 32-byte hex Ed25519 key") from None
+    return asyncio.run(serve(conf, ledger))
+
+
+async def serve(conf: dict, ledger: SqliteLedger) -> int:
+    service, port = build_server(conf, WalletDeps(ledger=ledger, tokens=TokenTable.load(conf["TOKENS_FILE"])))
+    await service.start()
+    write_ready_file(conf["READY_FILE"], port)
+    log.info("wallet_listening", port=port, db=str(conf["DB_PATH"]))
+    try:
+        sig = await wait_for_shutdown_signal()
+        log.info("wallet_stopping", signal=sig)
+    finally:
+        await service.stop(conf["SHUTDOWN_GRACE"])
+        ledger.close()
+    log.info("wallet_stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
