@@ -41,9 +41,9 @@ def check_address(address: str, *, field: str = "address") -> str:
     except ValueError:
         raise InvalidArgument("address is not valid base32", field=field, reason="BAD_ADDRESS") from None
     if len(raw) != _PAYLOAD + _CHECK or _checksum(raw[:_PAYLOAD]) != raw[_PAYLOAD:]:
-        raise InvalidArgument(
-            "address checksum does not match: check for a typo", field=field, reason="BAD_ADDRESS"
-        )
-    if address != address.lower():
-        raise InvalidArgument("address must be lowercase", field=field, reason="BAD_ADDRESS")
+        raise InvalidArgument("address checksum does not match: check for a typo", field=field, reason="BAD_ADDRESS")
+    # The last base32 character carries unused bits: two strings can decode
+    # to the same bytes. Only the canonical one names the account.
+    if address != PREFIX + base64.b32encode(raw).decode().rstrip("=").lower():
+        raise InvalidArgument("address is not in canonical form", field=field, reason="BAD_ADDRESS")
     return address

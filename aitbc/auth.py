@@ -51,9 +51,7 @@ class Principal:
         return ROLE_NAMES[self.role]
 
 
-current_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
-    "current_principal", default=None
-)
+current_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("current_principal", default=None)
 
 
 def hash_token(token: str) -> str:

@@ -57,15 +57,22 @@ def bootstrap(var: Path) -> dict[str, str]:
         "client_token": new_token(),
         "miner_token": new_token(),
     }
-    TokenTable.dump(dev / "principals.json", [
-        (facts["admin_token"], Principal("dev-admin", "admin")),
-        (facts["coordinator_token"], Principal("coordinator", "coordinator")),
-        (facts["client_token"], Principal("dev-client", "client", address=facts["client_address"])),
-        (facts["miner_token"], Principal(MINER_ID, "miner", address=facts["miner_address"], miner_id=MINER_ID)),
-    ])
-    _write_secret(dev / "tokens.env", "".join(
-        f"{k.upper()}={facts[k]}\n" for k in ("admin_token", "client_token", "miner_token", "coordinator_token")
-    ) + f"CLIENT_ADDRESS={facts['client_address']}\nMINER_ADDRESS={facts['miner_address']}\n")
+    TokenTable.dump(
+        dev / "principals.json",
+        [
+            (facts["admin_token"], Principal("dev-admin", "admin")),
+            (facts["coordinator_token"], Principal("coordinator", "coordinator")),
+            (facts["client_token"], Principal("dev-client", "client", address=facts["client_address"])),
+            (facts["miner_token"], Principal(MINER_ID, "miner", address=facts["miner_address"], miner_id=MINER_ID)),
+        ],
+    )
+    _write_secret(
+        dev / "tokens.env",
+        "".join(
+            f"{k.upper()}={facts[k]}\n" for k in ("admin_token", "client_token", "miner_token", "coordinator_token")
+        )
+        + f"CLIENT_ADDRESS={facts['client_address']}\nMINER_ADDRESS={facts['miner_address']}\n",
+    )
     _write_secret(facts_path, json.dumps(facts, indent=2) + "\n")
     return facts
 
@@ -86,7 +93,8 @@ async def _fund(target: str, token: str, address: str) -> int:
         stub = wallet_pb2_grpc.WalletServiceStub(channel)
         resp = await stub.Mint(
             wallet_pb2.MintRequest(address=address, amount=FAUCET_UAIT, request_id="devnet-faucet-client"),
-            metadata=auth_metadata(token), timeout=10,
+            metadata=auth_metadata(token),
+            timeout=10,
         )
         return int(resp.balance.available)
 
@@ -115,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             out = open(args.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed at shutdown
             logs.append(out)
         proc = subprocess.Popen(
-            [sys.executable, "-m", module, *flags], env={**os.environ, **env}, stdout=out, stderr=out,
+            [sys.executable, "-m", module, *flags],
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=out,
             # Own process group: Ctrl-C reaches devnet, which stops the
             # services in order instead of all at once.
             start_new_session=True,
@@ -145,26 +156,68 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        wallet = start("wallet", "wallet_svc", [
-            "--port", str(args.wallet_port), "--db-path", str(var / "wallet.sqlite"),
-            "--tokens-file", str(var / "dev/principals.json"),
-            "--coordinator-public-key", facts["coordinator_public_key"],
-            "--treasury-address", facts["treasury_address"], "--ready-file", str(run / "wallet.port"),
-        ], {})
+        wallet = start(
+            "wallet",
+            "wallet_svc",
+            [
+                "--port",
+                str(args.wallet_port),
+                "--db-path",
+                str(var / "wallet.sqlite"),
+                "--tokens-file",
+                str(var / "dev/principals.json"),
+                "--coordinator-public-key",
+                facts["coordinator_public_key"],
+                "--treasury-address",
+                facts["treasury_address"],
+                "--ready-file",
+                str(run / "wallet.port"),
+            ],
+            {},
+        )
         wallet_port = _wait_ready(run / "wallet.port", wallet, "wallet")
         balance = asyncio.run(_fund(f"127.0.0.1:{wallet_port}", facts["admin_token"], facts["client_address"]))
-        coord = start("coordinator", "coordinator_svc", [
-            "--port", str(args.coord_port), "--db-path", str(var / "coordinator.sqlite"),
-            "--blobs-dir", str(var / "blobs"), "--tokens-file", str(var / "dev/principals.json"),
-            "--key-file", str(var / "dev/coordinator.key"), "--wallet-target", f"127.0.0.1:{wallet_port}",
-            "--lease-secs", str(args.lease_secs), "--ready-file", str(run / "coordinator.port"),
-        ], {"AITBC_COORD_WALLET_TOKEN": facts["coordinator_token"]})
+        coord = start(
+            "coordinator",
+            "coordinator_svc",
+            [
+                "--port",
+                str(args.coord_port),
+                "--db-path",
+                str(var / "coordinator.sqlite"),
+                "--blobs-dir",
+                str(var / "blobs"),
+                "--tokens-file",
+                str(var / "dev/principals.json"),
+                "--key-file",
+                str(var / "dev/coordinator.key"),
+                "--wallet-target",
+                f"127.0.0.1:{wallet_port}",
+                "--lease-secs",
+                str(args.lease_secs),
+                "--ready-file",
+                str(run / "coordinator.port"),
+            ],
+            {"AITBC_COORD_WALLET_TOKEN": facts["coordinator_token"]},
+        )
         coord_port = _wait_ready(run / "coordinator.port", coord, "coordinator")
-        miner = start("miner", "miner_svc", [
-            "--coord-url", f"127.0.0.1:{coord_port}", "--miner-id", facts["miner_id"],
-            "--work-dir", str(var / "miner"), "--wallet-addr", facts["miner_address"],
-            "--ready-file", str(run / "miner.ready"),
-        ], {"AITBC_MINER_API_KEY": facts["miner_token"]})
+        miner = start(
+            "miner",
+            "miner_svc",
+            [
+                "--coord-url",
+                f"127.0.0.1:{coord_port}",
+                "--miner-id",
+                facts["miner_id"],
+                "--work-dir",
+                str(var / "miner"),
+                "--wallet-addr",
+                facts["miner_address"],
+                "--ready-file",
+                str(run / "miner.ready"),
+            ],
+            {"AITBC_MINER_API_KEY": facts["miner_token"]},
+        )
         _wait_ready(run / "miner.ready", miner, "miner")
         (run / "endpoints.json").write_text(json.dumps({"coordinator": coord_port, "wallet": wallet_port}) + "\n")
         print(_banner(facts, coord_port, wallet_port, balance, var), flush=True)
@@ -178,21 +231,24 @@ def main(argv: list[str] | None = None) -> int:
         print("\ndevnet: stopping miner, coordinator, wallet...", file=sys.stderr, flush=True)
         return 0
     finally:
+        # A second Ctrl-C must not cut the orderly stop short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stop_all()
 
 
 def _banner(facts: dict[str, str], coord: int, wallet: int, balance: int, var: Path) -> str:
     c, w = f"127.0.0.1:{coord}", f"127.0.0.1:{wallet}"
     return f"""
-AITBC devnet is up.  coordinator {c}   wallet {w}   miner {facts['miner_id']}
-Dev client {facts['client_address']} holds {balance / 1e6:,.2f} AIT. Tokens: {var}/dev/tokens.env
+AITBC devnet is up.  coordinator {c}   wallet {w}   miner {facts["miner_id"]}
+Dev client {facts["client_address"]} holds {balance / 1e6:,.2f} AIT. Tokens: {var}/dev/tokens.env
 
 Try, in another terminal (grpcurl ships in .venv/bin):
 
   source {var}/dev/tokens.env; export PATH=$PWD/.venv/bin:$PATH
   grpcurl -plaintext {c} list
-  grpcurl -plaintext -H "authorization: Bearer $CLIENT_TOKEN" \\
-    -d '{{"request_id":"try-1","spec":{{"matmul":{{"n":256,"dtype":"DTYPE_FP32","seed":"42"}},"max_price":"100000"}}}}' \\
+  grpcurl -plaintext -H "authorization: Bearer $CLIENT_TOKEN" -d '{{"request_id": "try-1",
+      "spec": {{"matmul": {{"n": 256, "dtype": "DTYPE_FP32", "seed": "42"}}, "max_price": "100000"}}}}' \\
     {c} aitbc.v1.CoordinatorService/SubmitJob
   grpcurl -plaintext -H "authorization: Bearer $CLIENT_TOKEN" -d '{{"job_id":"<job_id from above>"}}' \\
     {c} aitbc.v1.CoordinatorService/WatchJob

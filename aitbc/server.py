@@ -35,9 +35,7 @@ def rich_status(err: AitbcError) -> grpc.Status:
     details = [_pack(info)]
     if err.code == "INVALID_ARGUMENT" and err.field:
         bad = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=err.field, description=err.message)
-            ]
+            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=err.field, description=err.message)]
         )
         details.append(_pack(bad))
     st = status_pb2.Status(code=getattr(code_pb2, err.code), message=err.message, details=details)
@@ -79,9 +77,7 @@ class _Gate:
         if principal is None:
             raise Unauthenticated("unknown or revoked token", reason="BAD_TOKEN")
         if principal.role_value not in allowed:
-            raise PermissionDenied(
-                f"role {principal.role} may not call {method}", reason="ROLE_NOT_ALLOWED"
-            )
+            raise PermissionDenied(f"role {principal.role} may not call {method}", reason="ROLE_NOT_ALLOWED")
         return principal
 
 
@@ -247,6 +243,7 @@ def write_ready_file(path: str | os.PathLike[str] | None, port: int) -> None:
     if not path:
         return
     p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(p.suffix + ".tmp")
     tmp.write_text(f"{port}\n")
     tmp.replace(p)
@@ -255,6 +252,11 @@ def write_ready_file(path: str | os.PathLike[str] | None, port: int) -> None:
 async def wait_for_shutdown_signal() -> str:
     loop = asyncio.get_running_loop()
     stopped: asyncio.Future[str] = loop.create_future()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stopped.done():
+            stopped.set_result(sig.name)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda s=sig: stopped.done() or stopped.set_result(s.name))
+        loop.add_signal_handler(sig, on_signal, sig)
     return await stopped

@@ -39,6 +39,9 @@ def open_signed(signed: signing_pb2.Signed, domain: str, expected_key: bytes | N
         msg.ParseFromString(signed.body)
     except DecodeError:
         raise BadSignature("signed body does not parse", field="body") from None
+    # Deterministic serialisation keeps unknown fields, so drop them first:
+    # a body carrying any then fails the comparison.
+    msg.DiscardUnknownFields()
     if msg.SerializeToString(deterministic=True) != signed.body:
         raise BadSignature("signed body is not in canonical encoding (unknown or repeated fields)", field="body")
     return msg

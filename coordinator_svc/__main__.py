@@ -30,20 +30,29 @@ def main(argv: list[str]) -> int:
 
 async def serve(conf: dict) -> int:
     settings = Settings(
-        network_id=conf["NETWORK_ID"], heartbeat_secs=conf["HEARTBEAT_SECS"], lease_secs=conf["LEASE_SECS"],
-        max_attempts=conf["MAX_ATTEMPTS"], fee_bps=conf["FEE_BPS"],
-        matmul_base_price=conf["MATMUL_BASE_PRICE"], matmul_uait_per_gflop=conf["MATMUL_UAIT_PER_GFLOP"],
+        network_id=conf["NETWORK_ID"],
+        heartbeat_secs=conf["HEARTBEAT_SECS"],
+        lease_secs=conf["LEASE_SECS"],
+        max_attempts=conf["MAX_ATTEMPTS"],
+        fee_bps=conf["FEE_BPS"],
+        matmul_base_price=conf["MATMUL_BASE_PRICE"],
+        matmul_uait_per_gflop=conf["MATMUL_UAIT_PER_GFLOP"],
     )
     store = SqliteJobStore(conf["DB_PATH"])
     wallet = WalletClient(conf["WALLET_TARGET"], conf["WALLET_TOKEN"])
-    core = Coordinator(store=store, wallet=wallet, key=load_or_create_key(conf["KEY_FILE"]),
-                       settings=settings, blobs_dir=conf["BLOBS_DIR"])
+    core = Coordinator(
+        store=store,
+        wallet=wallet,
+        key=load_or_create_key(conf["KEY_FILE"]),
+        settings=settings,
+        blobs_dir=conf["BLOBS_DIR"],
+    )
     service, port = build_server(conf, CoordinatorDeps(core=core, tokens=TokenTable.load(conf["TOKENS_FILE"])))
     await service.start()
-    await core.start()
-    write_ready_file(conf["READY_FILE"], port)
-    log.info("coordinator_listening", port=port, network_id=settings.network_id)
     try:
+        await core.start()
+        write_ready_file(conf["READY_FILE"], port)
+        log.info("coordinator_listening", port=port, network_id=settings.network_id)
         sig = await wait_for_shutdown_signal()
         log.info("coordinator_stopping", signal=sig)
     finally:

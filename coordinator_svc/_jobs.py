@@ -192,8 +192,14 @@ class Coordinator:
     def _publish(self, rec: JobRecord | None) -> None:
         if rec is None:
             return
-        log.info("job_state", job_id=rec.job_id, state=rec.state, miner_id=rec.miner_id or None,
-                 attempts=rec.attempts, detail=rec.status_detail or None)
+        log.info(
+            "job_state",
+            job_id=rec.job_id,
+            state=rec.state,
+            miner_id=rec.miner_id or None,
+            attempts=rec.attempts,
+            detail=rec.status_detail or None,
+        )
         self.watch_hub.publish(rec)
 
     # -- client side ------------------------------------------------------
@@ -226,12 +232,30 @@ class Coordinator:
         now = st.now_iso()
         rec = JobRecord(
             job_id=f"job_{int(time.time() * 1000):x}{secrets.token_hex(4)}",
-            client_name=caller.name, client_address=caller.address, request_id=request_id,
-            spec=spec_bytes, spec_sha256=crypto.sha256(spec_bytes), workload=workload.name,
-            state=st.HOLDING, attempts=0, miner_id="", lease_id="", lease_deadline=0.0,
-            max_price=spec.max_price, price=price, miner_amount=0, fee_amount=0, status_detail="",
-            verdict="", output_sha256=b"", usage=b"", receipt=b"", settlement=b"", hold_state="NONE",
-            create_time=now, update_time=now,
+            client_name=caller.name,
+            client_address=caller.address,
+            request_id=request_id,
+            spec=spec_bytes,
+            spec_sha256=crypto.sha256(spec_bytes),
+            workload=workload.name,
+            state=st.HOLDING,
+            attempts=0,
+            miner_id="",
+            lease_id="",
+            lease_deadline=0.0,
+            max_price=spec.max_price,
+            price=price,
+            miner_amount=0,
+            fee_amount=0,
+            status_detail="",
+            verdict="",
+            output_sha256=b"",
+            usage=b"",
+            receipt=b"",
+            settlement=b"",
+            hold_state="NONE",
+            create_time=now,
+            update_time=now,
         )
         stored = await self.db(self.store.insert, rec)
         if stored.job_id != rec.job_id:  # a concurrent retry won the insert
@@ -241,8 +265,9 @@ class Coordinator:
     @staticmethod
     def _same_request(prior: JobRecord, spec_bytes: bytes) -> JobRecord:
         if prior.spec != spec_bytes:
-            raise AlreadyExists("request_id was already used for a different job", field="request_id",
-                                reason="REQUEST_ID_REUSED")
+            raise AlreadyExists(
+                "request_id was already used for a different job", field="request_id", reason="REQUEST_ID_REUSED"
+            )
         return prior
 
     async def _confirm_hold(self, rec: JobRecord) -> JobRecord:
@@ -255,8 +280,9 @@ class Coordinator:
                 await self.db(self.store.delete, rec.job_id, st.HOLDING)
                 log.info("job_refused", job_id=rec.job_id, reason=err.reason)
             raise err.to_domain() from None
-        queued = await self.db(self.store.transition, rec.job_id, from_states=[st.HOLDING], state=st.QUEUED,
-                               hold_state="HELD")
+        queued = await self.db(
+            self.store.transition, rec.job_id, from_states=[st.HOLDING], state=st.QUEUED, hold_state="HELD"
+        )
         if queued is None:
             current = await self.db(self.store.get, rec.job_id)
             assert current is not None
@@ -310,11 +336,13 @@ class Coordinator:
             if not free:
                 detail = (
                     f"waiting for a free slot on {len(capable)} capable miner(s)"
-                    if capable else why_unplaceable(rec.workload, req, sessions)
+                    if capable
+                    else why_unplaceable(rec.workload, req, sessions)
                 )
                 if detail != rec.status_detail:
-                    self._publish(await self.db(self.store.transition, rec.job_id, from_states=[st.QUEUED],
-                                                status_detail=detail))
+                    self._publish(
+                        await self.db(self.store.transition, rec.job_id, from_states=[st.QUEUED], status_detail=detail)
+                    )
                 if not any(s.free_slots for s in sessions):
                     return
                 continue
@@ -328,9 +356,15 @@ class Coordinator:
         session.leases[lease_id] = (rec.job_id, workload.output_size(params))
         deadline = time.time() + self.settings.lease_secs
         assigned = await self.db(
-            self.store.transition, rec.job_id, from_states=[st.QUEUED], state=st.ASSIGNED,
-            miner_id=session.miner_id, lease_id=lease_id, lease_deadline=deadline,
-            attempts=rec.attempts + 1, status_detail="",
+            self.store.transition,
+            rec.job_id,
+            from_states=[st.QUEUED],
+            state=st.ASSIGNED,
+            miner_id=session.miner_id,
+            lease_id=lease_id,
+            lease_deadline=deadline,
+            attempts=rec.attempts + 1,
+            status_detail="",
         )
         if assigned is None or self.sessions.get(session.miner_id) is not session:
             session.leases.pop(lease_id, None)
@@ -338,27 +372,51 @@ class Coordinator:
                 await self._retry_or_fail(assigned, st.LEASED, "miner disconnected", expect_lease=lease_id)
             return
         self._publish(assigned)
-        session.outbox.put_nowait(cpb.ConnectResponse(assignment=cpb.Assignment(
-            job_id=rec.job_id, lease_id=lease_id, job_spec=rec.spec,
-            lease_deadline_time=ts_from_datetime(_utc(deadline)),
-        )))
+        session.outbox.put_nowait(
+            cpb.ConnectResponse(
+                assignment=cpb.Assignment(
+                    job_id=rec.job_id,
+                    lease_id=lease_id,
+                    job_spec=rec.spec,
+                    lease_deadline_time=ts_from_datetime(_utc(deadline)),
+                )
+            )
+        )
 
     async def _retry_or_fail(
-        self, rec: JobRecord, from_states: Any, reason: str, *, expect_lease: str | None = None,
+        self,
+        rec: JobRecord,
+        from_states: Any,
+        reason: str,
+        *,
+        expect_lease: str | None = None,
         verdict: str = "",
     ) -> JobRecord | None:
         extra = {"verdict": verdict} if verdict else {}
         if rec.attempts >= self.settings.max_attempts:
             new = await self.db(
-                self.store.transition, rec.job_id, from_states=from_states, expect_lease=expect_lease,
-                state=st.FAILED, lease_id="", status_detail=f"failed after {rec.attempts} attempt(s): {reason}",
-                outbox=("release", reason.encode()), **extra,
+                self.store.transition,
+                rec.job_id,
+                from_states=from_states,
+                expect_lease=expect_lease,
+                state=st.FAILED,
+                lease_id="",
+                status_detail=f"failed after {rec.attempts} attempt(s): {reason}",
+                outbox=("release", reason.encode()),
+                **extra,
             )
             self._outbox_wake.set()
         else:
             new = await self.db(
-                self.store.transition, rec.job_id, from_states=from_states, expect_lease=expect_lease,
-                state=st.QUEUED, lease_id="", lease_deadline=0.0, status_detail=f"requeued: {reason}", **extra,
+                self.store.transition,
+                rec.job_id,
+                from_states=from_states,
+                expect_lease=expect_lease,
+                state=st.QUEUED,
+                lease_id="",
+                lease_deadline=0.0,
+                status_detail=f"requeued: {reason}",
+                **extra,
             )
             self.wake()
         self._publish(new)
@@ -378,8 +436,13 @@ class Coordinator:
             if rec.miner_id == session.miner_id:
                 workload, params = workload_of(cpb.JobSpec.FromString(rec.spec))
                 session.leases[rec.lease_id] = (rec.job_id, workload.output_size(params))
-        log.info("miner_joined", miner_id=session.miner_id, slots=session.slots, gpu=session.gpu,
-                 workloads=sorted(session.workloads))
+        log.info(
+            "miner_joined",
+            miner_id=session.miner_id,
+            slots=session.slots,
+            gpu=session.gpu,
+            workloads=sorted(session.workloads),
+        )
         self.wake()
 
     async def miner_left(self, session: MinerSession, reason: str) -> None:
@@ -390,8 +453,9 @@ class Coordinator:
                 job_id = session.leases.pop(lease_id)[0]
                 rec = await self.db(self.store.get, job_id)
                 if rec is not None and rec.lease_id == lease_id and rec.state in st.LEASED:
-                    await self._retry_or_fail(rec, st.LEASED, f"miner {session.miner_id} disconnected",
-                                              expect_lease=lease_id)
+                    await self._retry_or_fail(
+                        rec, st.LEASED, f"miner {session.miner_id} disconnected", expect_lease=lease_id
+                    )
         for up in session.uploads.values():
             up.path.unlink(missing_ok=True)
         log.info("miner_left", miner_id=session.miner_id, reason=reason)
@@ -411,8 +475,11 @@ class Coordinator:
         job_id = self._lease_of(session, lease_id)
         if job_id is None:
             return
-        self._publish(await self.db(self.store.transition, job_id, from_states=[st.ASSIGNED],
-                                    expect_lease=lease_id, state=st.RUNNING))
+        self._publish(
+            await self.db(
+                self.store.transition, job_id, from_states=[st.ASSIGNED], expect_lease=lease_id, state=st.RUNNING
+            )
+        )
 
     def chunk(self, session: MinerSession, c: cpb.ResultChunk) -> None:
         entry = session.leases.get(c.lease_id)
@@ -439,8 +506,9 @@ class Coordinator:
             return
         up = session.uploads.pop(lease_id, None)
         session.leases.pop(lease_id, None)
-        rec = await self.db(self.store.transition, job_id, from_states=st.LEASED, expect_lease=lease_id,
-                            state=st.VERIFYING)
+        rec = await self.db(
+            self.store.transition, job_id, from_states=st.LEASED, expect_lease=lease_id, state=st.VERIFYING
+        )
         if rec is None:
             await self._ack(session, lease_id, "VERDICT_UNSPECIFIED", "lease no longer valid: result refused")
             if up:
@@ -452,17 +520,24 @@ class Coordinator:
         if up is not None and up.size <= up.limit:
             output = await asyncio.to_thread(up.path.read_bytes)
         outcome = await asyncio.to_thread(
-            check_result, network_id=self.settings.network_id, job=rec, lease_id=lease_id,
-            miner_key=session.public_key, receipt=res.receipt, output=output,
+            check_result,
+            network_id=self.settings.network_id,
+            job=rec,
+            lease_id=lease_id,
+            miner_key=session.public_key,
+            receipt=res.receipt,
+            output=output,
         )
-        log.info("result_checked", job_id=job_id, miner_id=session.miner_id, verdict=outcome.verdict,
-                 detail=outcome.detail)
+        log.info(
+            "result_checked", job_id=job_id, miner_id=session.miner_id, verdict=outcome.verdict, detail=outcome.detail
+        )
         if outcome.verdict != ACCEPTED:
             if up:
                 up.path.unlink(missing_ok=True)
             await self._ack(session, lease_id, f"VERDICT_{outcome.verdict}", outcome.detail)
-            await self._retry_or_fail(rec, [st.VERIFYING], f"result refused ({outcome.detail})",
-                                      verdict=outcome.verdict)
+            await self._retry_or_fail(
+                rec, [st.VERIFYING], f"result refused ({outcome.detail})", verdict=outcome.verdict
+            )
             return
         assert outcome.body is not None and up is not None
         digest = outcome.body.output_sha256
@@ -472,19 +547,34 @@ class Coordinator:
         miner_amount = rec.price - fee
         settlement = seal(
             signing_pb2.SettlementBody(
-                network_id=self.settings.network_id, job_id=rec.job_id, client_address=rec.client_address,
-                miner_address=session.payout_address, hold_amount=rec.max_price, miner_amount=miner_amount,
-                fee_amount=fee, receipt_sha256=crypto.sha256(res.receipt.body), verdict_time=ts_now(),
+                network_id=self.settings.network_id,
+                job_id=rec.job_id,
+                client_address=rec.client_address,
+                miner_address=session.payout_address,
+                hold_amount=rec.max_price,
+                miner_amount=miner_amount,
+                fee_amount=fee,
+                receipt_sha256=crypto.sha256(res.receipt.body),
+                verdict_time=ts_now(),
             ),
-            crypto.SETTLEMENT_DOMAIN, self.key,
+            crypto.SETTLEMENT_DOMAIN,
+            self.key,
         )
         # The verdict and the intent to pay commit together: a crash after
         # this pays exactly once, through the outbox.
         settling = await self.db(
-            self.store.transition, rec.job_id, from_states=[st.VERIFYING], state=st.SETTLING,
-            verdict=ACCEPTED, output_sha256=digest, usage=outcome.body.usage.SerializeToString(),
-            receipt=res.receipt.SerializeToString(), settlement=settlement.SerializeToString(),
-            miner_amount=miner_amount, fee_amount=fee, status_detail="",
+            self.store.transition,
+            rec.job_id,
+            from_states=[st.VERIFYING],
+            state=st.SETTLING,
+            verdict=ACCEPTED,
+            output_sha256=digest,
+            usage=outcome.body.usage.SerializeToString(),
+            receipt=res.receipt.SerializeToString(),
+            settlement=settlement.SerializeToString(),
+            miner_amount=miner_amount,
+            fee_amount=fee,
+            status_detail="",
             outbox=("settle", settlement.SerializeToString()),
         )
         self._publish(settling)
@@ -506,9 +596,16 @@ class Coordinator:
         self.wake()
 
     async def _ack(self, session: MinerSession, lease_id: str, verdict: str, detail: str, amount: int = 0) -> None:
-        session.outbox.put_nowait(cpb.ConnectResponse(ack=cpb.ResultAck(
-            lease_id=lease_id, verdict=cpb.Verdict.Value(verdict), detail=detail, miner_amount=amount,
-        )))
+        session.outbox.put_nowait(
+            cpb.ConnectResponse(
+                ack=cpb.ResultAck(
+                    lease_id=lease_id,
+                    verdict=cpb.Verdict.Value(verdict),
+                    detail=detail,
+                    miner_amount=amount,
+                )
+            )
+        )
 
     # -- leases -----------------------------------------------------------
 
@@ -520,8 +617,11 @@ class Coordinator:
                     session = self.sessions.get(rec.miner_id)
                     if session is not None:
                         session.leases.pop(rec.lease_id, None)
-                        session.outbox.put_nowait(cpb.ConnectResponse(
-                            cancel=cpb.CancelAssignment(lease_id=rec.lease_id, reason="lease lapsed")))
+                        session.outbox.put_nowait(
+                            cpb.ConnectResponse(
+                                cancel=cpb.CancelAssignment(lease_id=rec.lease_id, reason="lease lapsed")
+                            )
+                        )
                     await self._retry_or_fail(rec, st.LEASED, "lease lapsed", expect_lease=rec.lease_id)
             except Exception:
                 log.exception("lease_loop_error")
@@ -543,20 +643,33 @@ class Coordinator:
         try:
             if item.kind == "settle":
                 hold = await self.wallet.settle(signing_pb2.Signed.FromString(item.payload))
-                new = await self.db(self.store.outbox_done, item.job_id, "settle", from_states=[st.SETTLING],
-                                    state=st.SETTLED, hold_state="SETTLED")
-                log.info("job_settled", job_id=item.job_id, miner_amount=hold.miner_amount,
-                         fee_amount=hold.fee_amount, refunded=hold.refunded_amount)
+                new = await self.db(
+                    self.store.outbox_done,
+                    item.job_id,
+                    "settle",
+                    from_states=[st.SETTLING],
+                    state=st.SETTLED,
+                    hold_state="SETTLED",
+                )
+                log.info(
+                    "job_settled",
+                    job_id=item.job_id,
+                    miner_amount=hold.miner_amount,
+                    fee_amount=hold.fee_amount,
+                    refunded=hold.refunded_amount,
+                )
             else:
                 await self.wallet.release(item.job_id, item.payload.decode(errors="replace"))
-                new = await self.db(self.store.outbox_done, item.job_id, "release", from_states=[],
-                                    hold_state="RELEASED")
+                new = await self.db(
+                    self.store.outbox_done, item.job_id, "release", from_states=[], hold_state="RELEASED"
+                )
                 log.info("hold_released", job_id=item.job_id)
             self._publish(new)
         except WalletError as err:
             delay = min(30.0, 0.5 * 2 ** min(item.attempts, 6)) * random.uniform(0.8, 1.2)
-            log.warning("settlement_retry", job_id=item.job_id, kind=item.kind, error=str(err),
-                        retry_in=round(delay, 2))
+            log.warning(
+                "settlement_retry", job_id=item.job_id, kind=item.kind, error=str(err), retry_in=round(delay, 2)
+            )
             await self.db(self.store.outbox_retry, item.job_id, item.kind, time.time() + delay, str(err))
 
 

@@ -25,20 +25,34 @@ log = structlog.get_logger()
 HELLO_TIMEOUT = 10.0
 
 _STATE = {
-    st.HOLDING: cpb.JOB_STATE_QUEUED, st.QUEUED: cpb.JOB_STATE_QUEUED, st.ASSIGNED: cpb.JOB_STATE_ASSIGNED,
-    st.RUNNING: cpb.JOB_STATE_RUNNING, st.VERIFYING: cpb.JOB_STATE_VERIFYING, st.SETTLING: cpb.JOB_STATE_SETTLING,
-    st.SETTLED: cpb.JOB_STATE_SETTLED, st.FAILED: cpb.JOB_STATE_FAILED, st.CANCELLED: cpb.JOB_STATE_CANCELLED,
+    st.HOLDING: cpb.JOB_STATE_QUEUED,
+    st.QUEUED: cpb.JOB_STATE_QUEUED,
+    st.ASSIGNED: cpb.JOB_STATE_ASSIGNED,
+    st.RUNNING: cpb.JOB_STATE_RUNNING,
+    st.VERIFYING: cpb.JOB_STATE_VERIFYING,
+    st.SETTLING: cpb.JOB_STATE_SETTLING,
+    st.SETTLED: cpb.JOB_STATE_SETTLED,
+    st.FAILED: cpb.JOB_STATE_FAILED,
+    st.CANCELLED: cpb.JOB_STATE_CANCELLED,
     st.EXPIRED: cpb.JOB_STATE_EXPIRED,
 }
 
 
 def job_pb(rec: JobRecord) -> cpb.Job:
     job = cpb.Job(
-        job_id=rec.job_id, state=_STATE[rec.state], spec=cpb.JobSpec.FromString(rec.spec),
-        client_address=rec.client_address, miner_id=rec.miner_id, attempts=rec.attempts, price=rec.price,
-        miner_amount=rec.miner_amount, fee_amount=rec.fee_amount, status_detail=rec.status_detail,
+        job_id=rec.job_id,
+        state=_STATE[rec.state],
+        spec=cpb.JobSpec.FromString(rec.spec),
+        client_address=rec.client_address,
+        miner_id=rec.miner_id,
+        attempts=rec.attempts,
+        price=rec.price,
+        miner_amount=rec.miner_amount,
+        fee_amount=rec.fee_amount,
+        status_detail=rec.status_detail,
         verdict=cpb.Verdict.Value(f"VERDICT_{rec.verdict}") if rec.verdict else cpb.VERDICT_UNSPECIFIED,
-        output_sha256=rec.output_sha256, create_time=ts_from_iso(rec.create_time),
+        output_sha256=rec.output_sha256,
+        create_time=ts_from_iso(rec.create_time),
         update_time=ts_from_iso(rec.update_time),
     )
     if rec.usage:
@@ -54,7 +68,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def __init__(self, core: Coordinator) -> None:
         self._core = core
 
-    async def SubmitJob(self, request: cpb.SubmitJobRequest, context: grpc.aio.ServicerContext) -> cpb.SubmitJobResponse:
+    async def SubmitJob(
+        self, request: cpb.SubmitJobRequest, context: grpc.aio.ServicerContext
+    ) -> cpb.SubmitJobResponse:
         caller = principal()
         if not caller.address:
             raise FailedPrecondition("this client token has no wallet address to pay from", reason="NO_ACCOUNT")
@@ -90,10 +106,13 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
         session = await self._register(caller.miner_id, caller.address, first.hello)
         structlog.contextvars.bind_contextvars(miner_id=session.miner_id)
         await self._core.miner_joined(session)
-        yield cpb.ConnectResponse(welcome=cpb.Welcome(
-            session_id=session.session_id, network_id=self._core.settings.network_id,
-            heartbeat_interval=Duration(seconds=int(self._core.settings.heartbeat_secs)),
-        ))
+        yield cpb.ConnectResponse(
+            welcome=cpb.Welcome(
+                session_id=session.session_id,
+                network_id=self._core.settings.network_id,
+                heartbeat_interval=Duration(seconds=int(self._core.settings.heartbeat_secs)),
+            )
+        )
         reader = asyncio.create_task(self._read(session, request_iterator))
         reason = "stream closed by miner"
         try:
@@ -119,8 +138,9 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
         if not hello.miner_id or len(hello.miner_id) > 128:
             raise InvalidArgument("hello.miner_id is required (at most 128 characters)", field="hello.miner_id")
         if token_miner_id and hello.miner_id != token_miner_id:
-            raise PermissionDenied(f"this token speaks for miner {token_miner_id!r}, not {hello.miner_id!r}",
-                                   reason="MINER_ID_MISMATCH")
+            raise PermissionDenied(
+                f"this token speaks for miner {token_miner_id!r}, not {hello.miner_id!r}", reason="MINER_ID_MISMATCH"
+            )
         key = crypto.check_public_key(hello.public_key, field="hello.public_key")
         payout = hello.payout_address or token_address
         check_address(payout, field="hello.payout_address")
@@ -129,13 +149,15 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
             raise InvalidArgument("capabilities.slots must be in 1..64", field="hello.capabilities.slots")
         registered = await self._core.db(self._core.store.register_miner, hello.miner_id, key, payout)
         if registered != key:
-            raise PermissionDenied(
-                f"miner {hello.miner_id!r} is registered with another key", reason="KEY_MISMATCH"
-            )
+            raise PermissionDenied(f"miner {hello.miner_id!r} is registered with another key", reason="KEY_MISMATCH")
         gpu = caps.accel == cpb.ACCEL_KIND_CUDA and len(caps.gpus) > 0
         return MinerSession(
-            miner_id=hello.miner_id, public_key=key, payout_address=payout,
-            workloads=frozenset(caps.workloads), slots=caps.slots, gpu=gpu,
+            miner_id=hello.miner_id,
+            public_key=key,
+            payout_address=payout,
+            workloads=frozenset(caps.workloads),
+            slots=caps.slots,
+            gpu=gpu,
             max_vram=max((g.memory_total_bytes for g in caps.gpus), default=0),
         )
 
@@ -162,6 +184,3 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
             pass
         except Exception:
             log.exception("miner_stream_error")
-
-
-

@@ -15,7 +15,7 @@ import structlog
 
 from aitbc import config as cfg
 from aitbc.addresses import address_of, check_address
-from aitbc.crypto import load_or_create_key
+from aitbc.crypto import KeyPair, load_or_create_key
 from aitbc.errors import InvalidArgument
 from aitbc.logs import setup_logging
 from aitbc.server import write_ready_file
@@ -66,15 +66,29 @@ def main(argv: list[str]) -> int:
     if gpus:
         slots = min(slots, len(gpus))
     config = MinerConfig(
-        coord_url=conf["COORD_URL"], api_key=conf["API_KEY"], miner_id=conf["MINER_ID"], payout_address=payout,
-        work_dir=work_dir, heartbeat_secs=conf["HEARTBEAT_SECS"], slots=slots, device=device, gpus=tuple(gpus),
+        coord_url=conf["COORD_URL"],
+        api_key=conf["API_KEY"],
+        miner_id=conf["MINER_ID"],
+        payout_address=payout,
+        work_dir=work_dir,
+        heartbeat_secs=conf["HEARTBEAT_SECS"],
+        slots=slots,
+        device=device,
+        gpus=tuple(gpus),
     )
-    log.info("miner_starting", miner_id=config.miner_id, device=device, slots=slots, gpus=len(gpus),
-             payout_address=payout, public_key=key.public_key.hex())
+    log.info(
+        "miner_starting",
+        miner_id=config.miner_id,
+        device=device,
+        slots=slots,
+        gpus=len(gpus),
+        payout_address=payout,
+        public_key=key.public_key.hex(),
+    )
     return asyncio.run(serve(config, key, conf["READY_FILE"]))
 
 
-async def serve(config: MinerConfig, key, ready_file: str) -> int:  # type: ignore[no-untyped-def]
+async def serve(config: MinerConfig, key: KeyPair, ready_file: str) -> int:
     pool = WorkerPool(config.slots)
     pool.warm()
     agent = MinerAgent(config, key, pool)

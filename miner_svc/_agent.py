@@ -4,6 +4,7 @@ work pushed down it. Reconnects with exponential backoff and jitter."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import secrets
@@ -30,8 +31,7 @@ log = structlog.get_logger()
 
 CHUNK_BYTES = 1024 * 1024
 # Errors a reconnect cannot fix: the operator must.
-FATAL_CODES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
-               grpc.StatusCode.INVALID_ARGUMENT}
+FATAL_CODES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT}
 
 
 @dataclass(frozen=True)
@@ -64,12 +64,24 @@ class MinerAgent:
     def hello(self) -> cpb.MinerHello:
         c = self.config
         return cpb.MinerHello(
-            miner_id=c.miner_id, public_key=self.key.public_key, payout_address=c.payout_address,
+            miner_id=c.miner_id,
+            public_key=self.key.public_key,
+            payout_address=c.payout_address,
             capabilities=cpb.Capabilities(
-                workloads=["matmul"], slots=c.slots,
+                workloads=["matmul"],
+                slots=c.slots,
                 accel=cpb.ACCEL_KIND_CUDA if c.device == "cuda" else cpb.ACCEL_KIND_CPU,
-                gpus=[cpb.GpuInfo(index=g.index, name=g.name, uuid=g.uuid, memory_total_bytes=g.memory_total_bytes,
-                                  driver_version=g.driver_version, cuda_version=g.cuda_version) for g in c.gpus],
+                gpus=[
+                    cpb.GpuInfo(
+                        index=g.index,
+                        name=g.name,
+                        uuid=g.uuid,
+                        memory_total_bytes=g.memory_total_bytes,
+                        driver_version=g.driver_version,
+                        cuda_version=g.cuda_version,
+                    )
+                    for g in c.gpus
+                ],
             ),
         )
 
@@ -91,10 +103,8 @@ class MinerAgent:
                 break
             delay = backoff * random.uniform(0.5, 1.5)
             log.info("reconnecting", in_seconds=round(delay, 2))
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
-            except TimeoutError:
-                pass
             backoff = min(backoff * 2, 30.0)
 
     async def _session(self, stop: asyncio.Event) -> None:
@@ -146,9 +156,13 @@ class MinerAgent:
                         ack = msg.ack
                         if ack.verdict == cpb.VERDICT_ACCEPTED:
                             self.earned += ack.miner_amount
-                        log.info("result_acknowledged", lease_id=ack.lease_id,
-                                 verdict=cpb.Verdict.Name(ack.verdict), detail=ack.detail,
-                                 miner_amount=ack.miner_amount)
+                        log.info(
+                            "result_acknowledged",
+                            lease_id=ack.lease_id,
+                            verdict=cpb.Verdict.Name(ack.verdict),
+                            detail=ack.detail,
+                            miner_amount=ack.miner_amount,
+                        )
             finally:
                 stopper.cancel()
                 if heartbeat:
@@ -179,14 +193,23 @@ class MinerAgent:
             outcome = await asyncio.wrap_future(fut)
             finish = ts_now()
             body = signing_pb2.ReceiptBody(
-                network_id=self.network_id, job_id=a.job_id, lease_id=a.lease_id, miner_id=self.config.miner_id,
-                job_spec_sha256=crypto.sha256(a.job_spec), output_sha256=outcome.output_sha256,
+                network_id=self.network_id,
+                job_id=a.job_id,
+                lease_id=a.lease_id,
+                miner_id=self.config.miner_id,
+                job_spec_sha256=crypto.sha256(a.job_spec),
+                output_sha256=outcome.output_sha256,
                 output_size_bytes=outcome.output_size,
                 usage=signing_pb2.Usage(
-                    device=outcome.device, run_duration=_duration(outcome.run_seconds), flops=outcome.flops,
-                    tflops=outcome.tflops, energy_joules=outcome.energy_joules,
+                    device=outcome.device,
+                    run_duration=_duration(outcome.run_seconds),
+                    flops=outcome.flops,
+                    tflops=outcome.tflops,
+                    energy_joules=outcome.energy_joules,
                 ),
-                start_time=start, finish_time=finish, nonce=secrets.token_bytes(16),
+                start_time=start,
+                finish_time=finish,
+                nonce=secrets.token_bytes(16),
             )
             receipt = seal(body, crypto.RECEIPT_DOMAIN, self.key)
             await self._upload(Path(outcome.output_path), a.lease_id, out)
@@ -211,7 +234,7 @@ class MinerAgent:
                 out.put_nowait(cpb.ConnectRequest(chunk=cpb.ResultChunk(lease_id=lease_id, offset=offset, data=data)))
                 offset += len(data)
                 # Let the stream drain so a large result does not pile up in memory.
-                while out.qsize() > 4:
+                while out.qsize() > 4:  # noqa: ASYNC110 - the queue is shared and unbounded by design
                     await asyncio.sleep(0.005)
 
 

@@ -3,6 +3,7 @@ in the log, never a crash."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import structlog
@@ -42,11 +43,16 @@ def inventory() -> list[Gpu]:
         gpus = []
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            gpus.append(Gpu(
-                index=i, name=_text(pynvml.nvmlDeviceGetName(h)), uuid=_text(pynvml.nvmlDeviceGetUUID(h)),
-                memory_total_bytes=int(pynvml.nvmlDeviceGetMemoryInfo(h).total),
-                driver_version=driver, cuda_version=cuda_text,
-            ))
+            gpus.append(
+                Gpu(
+                    index=i,
+                    name=_text(pynvml.nvmlDeviceGetName(h)),
+                    uuid=_text(pynvml.nvmlDeviceGetUUID(h)),
+                    memory_total_bytes=int(pynvml.nvmlDeviceGetMemoryInfo(h).total),
+                    driver_version=driver,
+                    cuda_version=cuda_text,
+                )
+            )
         if not gpus:
             log.info("cpu_mode", reason="NVML sees no GPU")
         return gpus
@@ -54,7 +60,5 @@ def inventory() -> list[Gpu]:
         log.warning("cpu_mode", reason=f"NVML query failed: {exc}")
         return []
     finally:
-        try:
+        with contextlib.suppress(pynvml.NVMLError):
             pynvml.nvmlShutdown()
-        except pynvml.NVMLError:
-            pass

@@ -43,10 +43,7 @@ def run_matmul(params: MatmulParams, device: str, out_path: Path) -> RunOutcome:
         _sync(torch, dev)
         elapsed = time.perf_counter() - start
         host = c.cpu().contiguous()
-        if params.dtype == "bf16":
-            data = host.view(torch.int16).numpy().tobytes()
-        else:
-            data = host.numpy().tobytes()
+        data = host.view(torch.int16).numpy().tobytes() if params.dtype == "bf16" else host.numpy().tobytes()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_bytes(data)
     flops = params.flops * params.repeats

@@ -55,4 +55,10 @@ class WorkerPool:
             return self._pool.submit(run_job, spec_bytes, device, str(out_path))
 
     def shutdown(self) -> None:
+        # Workers may be deep in a kernel; they hold nothing worth waiting for.
+        processes = list((getattr(self._pool, "_processes", None) or {}).values())
         self._pool.shutdown(wait=False, cancel_futures=True)
+        for proc in processes:
+            proc.terminate()
+        for proc in processes:
+            proc.join(timeout=5)

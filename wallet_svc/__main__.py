@@ -35,8 +35,10 @@ def main(argv: list[str]) -> int:
         problems = ledger.check()
         for p in problems:
             print(f"MISMATCH {p}")
-        print(f"checked ledger {conf['DB_PATH']}: minted {ledger.minted()} uait, "
-              f"{'clean' if not problems else f'{len(problems)} problem(s)'}")
+        print(
+            f"checked ledger {conf['DB_PATH']}: minted {ledger.minted()} uait, "
+            f"{'clean' if not problems else f'{len(problems)} problem(s)'}"
+        )
         return 1 if problems else 0
     try:
         check_public_key(bytes.fromhex(conf["COORDINATOR_PUBLIC_KEY"]))
@@ -48,9 +50,9 @@ def main(argv: list[str]) -> int:
 async def serve(conf: dict, ledger: SqliteLedger) -> int:
     service, port = build_server(conf, WalletDeps(ledger=ledger, tokens=TokenTable.load(conf["TOKENS_FILE"])))
     await service.start()
-    write_ready_file(conf["READY_FILE"], port)
-    log.info("wallet_listening", port=port, db=str(conf["DB_PATH"]))
     try:
+        write_ready_file(conf["READY_FILE"], port)
+        log.info("wallet_listening", port=port, db=str(conf["DB_PATH"]))
         sig = await wait_for_shutdown_signal()
         log.info("wallet_stopping", signal=sig)
     finally:

@@ -169,8 +169,15 @@ class SqliteLedger:
         row = db.execute("SELECT available, held FROM balances WHERE address = ?", (address,)).fetchone()
         return Balance(address, row[0], row[1]) if row else Balance(address, 0, 0)
 
-    def _post(self, db: sqlite3.Connection, kind: str, postings: list[tuple[str, str, int]], *,
-              job_id: str | None = None, request_id: str | None = None) -> None:
+    def _post(
+        self,
+        db: sqlite3.Connection,
+        kind: str,
+        postings: list[tuple[str, str, int]],
+        *,
+        job_id: str | None = None,
+        request_id: str | None = None,
+    ) -> None:
         """Write one balanced transaction and apply it to the balances."""
         assert sum(p[2] for p in postings) == 0, "unbalanced transaction"
         cur = db.execute(
@@ -224,14 +231,14 @@ class SqliteLedger:
             if prior is not None:
                 if (prior[0], prior[1]) != (address, amount):
                     raise AlreadyExists(
-                        "request_id was already used for a different mint", field="request_id",
+                        "request_id was already used for a different mint",
+                        field="request_id",
                         reason="REQUEST_ID_REUSED",
                     )
                 return self._balance(db, address)
             if self._minted(db) + amount > INT64_MAX:
                 raise FailedPrecondition("total supply would overflow int64", reason="OVERFLOW")
-            self._post(db, "mint", [(ISSUANCE, "available", -amount), (address, "available", amount)],
-                       request_id=key)
+            self._post(db, "mint", [(ISSUANCE, "available", -amount), (address, "available", amount)], request_id=key)
             return self._balance(db, address)
 
     # -- holds -----------------------------------------------------------
@@ -277,9 +284,7 @@ class SqliteLedger:
             if hold.state == SETTLED:
                 if hold.settlement_sha256 == s.digest:
                     return hold
-                raise FailedPrecondition(
-                    f"job {s.job_id} was already settled differently", reason="ALREADY_SETTLED"
-                )
+                raise FailedPrecondition(f"job {s.job_id} was already settled differently", reason="ALREADY_SETTLED")
             if hold.state == RELEASED:
                 raise FailedPrecondition(f"job {s.job_id}'s hold was released", reason="HOLD_RELEASED")
             if s.client_address != hold.address:
@@ -287,8 +292,9 @@ class SqliteLedger:
             if s.hold_amount != hold.amount:
                 raise FailedPrecondition("settlement names another hold amount", reason="HOLD_MISMATCH")
             if s.miner_amount < 0 or s.fee_amount < 0:
-                raise InvalidArgument("settlement amounts must not be negative", field="settlement",
-                                      reason="BAD_AMOUNT")
+                raise InvalidArgument(
+                    "settlement amounts must not be negative", field="settlement", reason="BAD_AMOUNT"
+                )
             paid = s.miner_amount + s.fee_amount
             if paid > hold.amount:
                 raise FailedPrecondition(
@@ -325,7 +331,9 @@ class SqliteLedger:
             if hold.state == SETTLED:
                 raise FailedPrecondition(f"job {job_id}'s hold was settled", reason="ALREADY_SETTLED")
             self._post(
-                db, "release", [(hold.address, "held", -hold.amount), (hold.address, "available", hold.amount)],
+                db,
+                "release",
+                [(hold.address, "held", -hold.amount), (hold.address, "available", hold.amount)],
                 job_id=job_id,
             )
             db.execute(

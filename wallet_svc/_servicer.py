@@ -19,14 +19,22 @@ from wallet_svc._ledger import HELD, RELEASED, SETTLED, Balance, Hold, Settlemen
 
 T = TypeVar("T")
 
-_STATES = {HELD: wallet_pb2.HOLD_STATE_HELD, SETTLED: wallet_pb2.HOLD_STATE_SETTLED,
-           RELEASED: wallet_pb2.HOLD_STATE_RELEASED}
+_STATES = {
+    HELD: wallet_pb2.HOLD_STATE_HELD,
+    SETTLED: wallet_pb2.HOLD_STATE_SETTLED,
+    RELEASED: wallet_pb2.HOLD_STATE_RELEASED,
+}
 
 
 def hold_pb(h: Hold) -> wallet_pb2.Hold:
     msg = wallet_pb2.Hold(
-        job_id=h.job_id, address=h.address, amount=h.amount, state=_STATES[h.state],
-        miner_amount=h.miner_amount, fee_amount=h.fee_amount, refunded_amount=h.refunded_amount,
+        job_id=h.job_id,
+        address=h.address,
+        amount=h.amount,
+        state=_STATES[h.state],
+        miner_amount=h.miner_amount,
+        fee_amount=h.fee_amount,
+        refunded_amount=h.refunded_amount,
         create_time=ts_from_iso(h.create_time),
     )
     if h.close_time:
@@ -100,7 +108,11 @@ class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
         check_address(body.client_address, field="settlement.client_address")
         check_address(body.miner_address, field="settlement.miner_address")
         return Settlement(
-            job_id=body.job_id, client_address=body.client_address, miner_address=body.miner_address,
-            hold_amount=body.hold_amount, miner_amount=body.miner_amount, fee_amount=body.fee_amount,
+            job_id=body.job_id,
+            client_address=body.client_address,
+            miner_address=body.miner_address,
+            hold_amount=body.hold_amount,
+            miner_amount=body.miner_amount,
+            fee_amount=body.fee_amount,
             digest=crypto.sha256(signed.body),
         )

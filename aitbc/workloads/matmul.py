@@ -76,8 +76,9 @@ class MatmulParams:
 def _round_to_bf16(x: np.ndarray) -> np.ndarray:
     """Round float32 to the nearest bfloat16 (ties to even), kept as float32."""
     bits = x.view(np.uint32).astype(np.uint64)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
-    return bits.astype(np.uint32).view(np.float32)
+    sixteen = np.uint64(16)
+    rounded = (bits + np.uint64(0x7FFF) + ((bits >> sixteen) & np.uint64(1))) >> sixteen << sixteen
+    return rounded.astype(np.uint32).view(np.float32)
 
 
 def round_to_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -92,7 +93,7 @@ def make_inputs(params: MatmulParams) -> tuple[np.ndarray, np.ndarray]:
     """A and B as float32 arrays whose values are exact in the job's dtype."""
     n = params.n
     gen = np.random.PCG64(params.seed)
-    raw = gen.random_raw(2 * n * n)
+    raw = np.asarray(gen.random_raw(2 * n * n), dtype=np.uint64)
     ints = (raw >> np.uint64(40)).astype(np.int64) - (1 << 23)
     vals = (ints.astype(np.float32) / np.float32(1 << 23)).reshape(2, n, n)
     vals = round_to_dtype(vals, params.dtype)

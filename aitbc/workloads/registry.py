@@ -51,11 +51,11 @@ def workload_of(spec: coordinator_pb2.JobSpec) -> tuple[Workload, Any]:
     name = spec.WhichOneof("workload")
     if name is None:
         raise InvalidArgument(
-            f"spec must set one workload: {', '.join(sorted(WORKLOADS))}", field="spec.workload",
+            f"spec must set one workload: {', '.join(sorted(WORKLOADS))}",
+            field="spec.workload",
             reason="WORKLOAD_REQUIRED",
         )
     if name not in WORKLOADS:
-        raise InvalidArgument(f"workload {name!r} is not supported", field="spec.workload",
-                              reason="UNKNOWN_WORKLOAD")
+        raise InvalidArgument(f"workload {name!r} is not supported", field="spec.workload", reason="UNKNOWN_WORKLOAD")
     w = WORKLOADS[name]
     return w, w.params(spec)

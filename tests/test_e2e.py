@@ -1,0 +1,321 @@
+"""The whole path with real processes on loopback: wallet, coordinator and
+the miner sidecar (CPU torch), driven through gRPC as a client would."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+from aitbc import crypto
+from aitbc.rpc import error_reason
+from aitbc.signed import open_signed, seal
+from aitbc.timeutil import ts_now
+from aitbc.v1 import coordinator_pb2 as cpb
+from aitbc.v1 import coordinator_pb2_grpc, signing_pb2, wallet_pb2, wallet_pb2_grpc, workloads_pb2
+from aitbc.workloads.matmul import MatmulParams, encode_output, make_inputs
+from tests.conftest import ROOT, Network, md
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def matmul_spec(
+    n: int = 64, max_price: int = 100_000, dtype: workloads_pb2.Dtype.ValueType = workloads_pb2.DTYPE_FP32
+) -> cpb.JobSpec:
+    return cpb.JobSpec(matmul=workloads_pb2.MatmulParams(n=n, dtype=dtype, seed=7), max_price=max_price)
+
+
+class Clients:
+    def __init__(self, net: Network) -> None:
+        self.net = net
+        self.coord_channel = grpc.aio.insecure_channel(net.coord_target)
+        self.wallet_channel = grpc.aio.insecure_channel(net.wallet_target)
+        self.coord = coordinator_pb2_grpc.CoordinatorServiceStub(self.coord_channel)
+        self.wallet = wallet_pb2_grpc.WalletServiceStub(self.wallet_channel)
+
+    async def close(self) -> None:
+        await self.coord_channel.close()
+        await self.wallet_channel.close()
+
+    async def mint(self, who: str, amount: int) -> None:
+        await self.wallet.Mint(
+            wallet_pb2.MintRequest(address=self.net.ids[who].address, amount=amount, request_id=secrets.token_hex(8)),
+            metadata=md(self.net.ids["admin"]),
+            timeout=10,
+        )
+
+    async def balance(self, address: str) -> tuple[int, int]:
+        b = await self.wallet.GetBalance(
+            wallet_pb2.GetBalanceRequest(address=address), metadata=md(self.net.ids["admin"]), timeout=10
+        )
+        return b.available, b.held
+
+    async def submit(self, spec: cpb.JobSpec, who: str = "client", request_id: str = "") -> cpb.Job:
+        resp = await self.coord.SubmitJob(
+            cpb.SubmitJobRequest(spec=spec, request_id=request_id or secrets.token_hex(8)),
+            metadata=md(self.net.ids[who]),
+            timeout=10,
+        )
+        return resp.job
+
+    async def watch(self, job_id: str, who: str = "client") -> list[cpb.Job]:
+        seen = []
+        async for ev in self.coord.WatchJob(
+            cpb.WatchJobRequest(job_id=job_id), metadata=md(self.net.ids[who]), timeout=120
+        ):
+            seen.append(ev.job)
+        return seen
+
+
+@pytest.fixture
+async def clients(network: Network) -> AsyncIterator[Clients]:
+    network.start_wallet()
+    network.start_coordinator("--max-attempts", "1", "--lease-secs", "10")
+    c = Clients(network)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+def details(err: grpc.aio.AioRpcError) -> list[Any]:
+    out: list[Any] = []
+    for key, value in err.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            for d in status_pb2.Status.FromString(value).details:
+                for cls in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest):
+                    if d.Is(cls.DESCRIPTOR):
+                        msg = cls()
+                        d.Unpack(msg)
+                        out.append(msg)
+    return out
+
+
+async def test_job_is_pushed_run_verified_and_paid(network: Network, clients: Clients) -> None:
+    network.start_miner()
+    await clients.mint("client", 1_000_000)
+    job = await clients.submit(matmul_spec(n=96))
+    states = [cpb.JobState.Name(j.state) for j in await clients.watch(job.job_id)]
+    assert states[-1] == "JOB_STATE_SETTLED", states
+    order = ["JOB_STATE_QUEUED", "JOB_STATE_ASSIGNED", "JOB_STATE_RUNNING", "JOB_STATE_VERIFYING"]
+    assert [s for s in states if s in order] == sorted(set(states) & set(order), key=order.index)
+
+    final = (await clients.coord.GetJob(cpb.GetJobRequest(job_id=job.job_id), metadata=md(network.ids["client"]))).job
+    assert final.verdict == cpb.VERDICT_ACCEPTED and final.attempts == 1 and final.miner_id == "miner-1"
+    assert final.miner_amount + final.fee_amount == final.price == job.price > 0
+    assert await clients.balance(network.ids["client"].address) == (1_000_000 - final.price, 0)
+    assert await clients.balance(network.ids["miner"].address) == (final.miner_amount, 0)
+    assert await clients.balance(network.treasury) == (final.fee_amount, 0)
+
+    # Anyone with the public keys can check the receipt and settlement offline.
+    miner_key = (network.root / "miner" / "miner.key").read_text().strip()
+    receipt = open_signed(
+        final.receipt,
+        crypto.RECEIPT_DOMAIN,
+        crypto.KeyPair(bytes.fromhex(miner_key)).public_key,
+        signing_pb2.ReceiptBody,
+    )
+    assert receipt.job_id == job.job_id and receipt.output_sha256 == final.output_sha256
+    assert receipt.usage.flops == 2 * 96**3 and receipt.usage.device == "cpu"
+    settlement = open_signed(
+        final.settlement, crypto.SETTLEMENT_DOMAIN, network.coordinator_key.public_key, signing_pb2.SettlementBody
+    )
+    assert settlement.miner_amount == final.miner_amount
+    assert settlement.receipt_sha256 == crypto.sha256(final.receipt.body)
+
+    # Resubmitting with the same request id is the same job, not a second hold.
+    again = await clients.submit(matmul_spec(n=96), request_id="same")
+    assert (await clients.submit(matmul_spec(n=96), request_id="same")).job_id == again.job_id
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await clients.submit(matmul_spec(n=97), request_id="same")
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    await clients.watch(again.job_id)
+
+    network.stop_all()
+    check = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wallet_svc",
+            "check",
+            "--db-path",
+            str(network.root / "wallet.sqlite"),
+            "--treasury-address",
+            network.treasury,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "clean" in check.stdout
+
+
+async def test_a_client_without_funds_is_refused_and_nothing_is_held(clients: Clients, network: Network) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await clients.submit(matmul_spec(), who="client2")
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_reason(err.value) == "INSUFFICIENT_FUNDS"
+    assert await clients.balance(network.ids["client2"].address) == (0, 0)
+    # Funded, the same request id now goes through.
+    await clients.mint("client2", 50_000)
+    job = await clients.submit(matmul_spec(max_price=50_000), who="client2", request_id="retry-me")
+    assert job.state == cpb.JOB_STATE_QUEUED
+    assert await clients.balance(network.ids["client2"].address) == (0, 50_000)
+
+
+async def test_bad_requests_get_clear_statuses(clients: Clients, network: Network) -> None:
+    await clients.mint("client", 1_000_000)
+    cases = [
+        (cpb.JobSpec(max_price=10), "INVALID_ARGUMENT", "spec.workload"),
+        (matmul_spec(n=0), "INVALID_ARGUMENT", "spec.matmul.n"),
+        (matmul_spec(n=8, dtype=workloads_pb2.DTYPE_UNSPECIFIED), "INVALID_ARGUMENT", "spec.matmul.dtype"),
+        (matmul_spec(max_price=0), "INVALID_ARGUMENT", "spec.max_price"),
+        (matmul_spec(n=4096, max_price=1_001), "FAILED_PRECONDITION", None),
+    ]
+    for spec, code, field in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await clients.submit(spec)
+        assert err.value.code().name == code, (spec, err.value.details())
+        infos = details(err.value)
+        assert any(isinstance(d, error_details_pb2.ErrorInfo) and d.domain == "aitbc.dev" for d in infos)
+        if field:
+            assert any(
+                isinstance(d, error_details_pb2.BadRequest) and d.field_violations[0].field == field for d in infos
+            )
+    # Who may call what.
+    req = cpb.SubmitJobRequest(spec=matmul_spec(), request_id="x")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await clients.coord.SubmitJob(req)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await clients.coord.SubmitJob(req, metadata=(("authorization", "Bearer forged"),))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await clients.coord.SubmitJob(req, metadata=md(network.ids["miner"]))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await clients.wallet.Mint(
+            wallet_pb2.MintRequest(address=network.ids["client"].address, amount=5, request_id="x"),
+            metadata=md(network.ids["client"]),
+        )
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # Another client's job does not exist for you.
+    job = await clients.submit(matmul_spec())
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await clients.coord.GetJob(cpb.GetJobRequest(job_id=job.job_id), metadata=md(network.ids["client2"]))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+class CheatingMiner:
+    """Speaks the miner protocol from the test, to return what an honest
+    sidecar never would."""
+
+    def __init__(self, net: Network, mode: str) -> None:
+        self.net = net
+        self.mode = mode
+        self.ident = net.ids["cheater"]
+        assert self.ident.key is not None
+        self.key: crypto.KeyPair = self.ident.key
+
+    async def run_one(self) -> cpb.ResultAck:
+        out: asyncio.Queue[cpb.ConnectRequest] = asyncio.Queue()
+
+        async def requests() -> AsyncIterator[cpb.ConnectRequest]:
+            while True:
+                yield await out.get()
+
+        out.put_nowait(
+            cpb.ConnectRequest(
+                hello=cpb.MinerHello(
+                    miner_id="cheater-1",
+                    public_key=self.key.public_key,
+                    payout_address=self.ident.address,
+                    capabilities=cpb.Capabilities(workloads=["matmul"], slots=1, accel=cpb.ACCEL_KIND_CPU),
+                )
+            )
+        )
+        async with grpc.aio.insecure_channel(self.net.coord_target) as ch:
+            call = coordinator_pb2_grpc.MinerGatewayServiceStub(ch).Connect(requests(), metadata=md(self.ident))
+            network_id = ""
+            async for msg in call:
+                kind = msg.WhichOneof("msg")
+                if kind == "welcome":
+                    network_id = msg.welcome.network_id
+                elif kind == "assignment":
+                    self._answer(msg.assignment, network_id, out)
+                elif kind == "ack":
+                    call.cancel()
+                    return msg.ack
+        raise AssertionError("stream ended without an ack")
+
+    def _answer(self, a: cpb.Assignment, network_id: str, out: asyncio.Queue[cpb.ConnectRequest]) -> None:
+        spec = cpb.JobSpec.FromString(a.job_spec)
+        params = MatmulParams(n=spec.matmul.n, dtype="fp32", seed=spec.matmul.seed)
+        a32, b32 = make_inputs(params)
+        c = a32 @ b32
+        if self.mode == "wrong_c":
+            c = c + 1.0
+        data = encode_output(params, c)
+        body = signing_pb2.ReceiptBody(
+            network_id=network_id,
+            job_id=a.job_id,
+            lease_id=a.lease_id,
+            miner_id="cheater-1",
+            job_spec_sha256=crypto.sha256(a.job_spec),
+            output_sha256=crypto.sha256(data),
+            output_size_bytes=len(data),
+            start_time=ts_now(),
+            finish_time=ts_now(),
+            nonce=secrets.token_bytes(16),
+        )
+        signer = crypto.KeyPair.generate() if self.mode == "other_key" else self.key
+        receipt = seal(body, crypto.RECEIPT_DOMAIN, signer)
+        if self.mode == "other_key":
+            receipt.public_key = self.key.public_key  # claim to be the registered key
+        if self.mode == "flipped_byte":
+            flipped = bytearray(receipt.body)
+            flipped[len(flipped) // 2] ^= 0x01
+            receipt.body = bytes(flipped)
+        out.put_nowait(cpb.ConnectRequest(accepted=cpb.AssignmentAccepted(lease_id=a.lease_id)))
+        out.put_nowait(cpb.ConnectRequest(chunk=cpb.ResultChunk(lease_id=a.lease_id, offset=0, data=data)))
+        out.put_nowait(cpb.ConnectRequest(result=cpb.JobResult(lease_id=a.lease_id, receipt=receipt)))
+
+
+@pytest.mark.parametrize(
+    ("mode", "verdict"),
+    [
+        ("flipped_byte", "VERDICT_BAD_SIGNATURE"),
+        ("other_key", "VERDICT_BAD_SIGNATURE"),
+        ("wrong_c", "VERDICT_BAD_OUTPUT"),
+    ],
+)
+async def test_dishonest_results_are_refused_and_nothing_is_paid(
+    clients: Clients, network: Network, mode: str, verdict: str
+) -> None:
+    await clients.mint("client", 1_000_000)
+    cheater = asyncio.create_task(CheatingMiner(network, mode).run_one())
+    await asyncio.sleep(0.3)  # let it connect; the job is pushed either way
+    job = await clients.submit(matmul_spec(n=32))
+    ack = await asyncio.wait_for(cheater, 60)
+    assert cpb.Verdict.Name(ack.verdict) == verdict, ack.detail
+    states = await clients.watch(job.job_id)
+    assert states[-1].state == cpb.JOB_STATE_FAILED, states[-1]
+    assert cpb.Verdict.Name(states[-1].verdict) == verdict
+
+    async def released() -> None:
+        assert await clients.balance(network.ids["client"].address) == (1_000_000, 0)
+
+    from tests.conftest import eventually
+
+    await eventually(released)
+    assert await clients.balance(network.ids["cheater"].address) == (0, 0)
+    assert await clients.balance(network.treasury) == (0, 0)

@@ -1,0 +1,103 @@
+"""matmul: inputs are the same everywhere, honest torch output passes
+Freivalds with margin, and wrong output of every kind fails."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aitbc.errors import InvalidArgument
+from aitbc.workloads.matmul import MatmulParams, encode_output, freivalds, make_inputs, round_to_dtype
+from miner_svc._run_matmul import run_matmul
+
+DTYPES = ["fp32", "fp16", "bf16"]
+OFF = {"fp32": 0.01, "fp16": 1.0, "bf16": 8.0}
+
+
+def test_inputs_are_pinned_to_the_generator_not_to_numpy_internals() -> None:
+    # If this digest moves, every miner and coordinator on an older build
+    # disagrees with this one: that is a protocol change, not a refactor.
+    a, b = make_inputs(MatmulParams(n=8, dtype="fp32", seed=42))
+    digest = hashlib.sha256(a.tobytes() + b.tobytes()).hexdigest()
+    assert digest == PINNED_DIGEST
+    assert a.min() >= -1.0 and a.max() < 1.0
+
+
+PINNED_DIGEST = "42dc43810921903d5927405826c842973e867a3512c6082a98e76bb6df41f90c"
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_rounding_matches_torch(dtype: str) -> None:
+    x = np.random.default_rng(1).uniform(-4, 4, 10_000).astype(np.float32)
+    tdtype = torch.float16 if dtype == "fp16" else torch.bfloat16
+    expected = torch.from_numpy(x).to(tdtype).to(torch.float32).numpy()
+    assert np.array_equal(round_to_dtype(x, dtype), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 3, 64, 300])
+def test_honest_cpu_result_passes_with_margin(tmp_path: Path, dtype: str, n: int) -> None:
+    params = MatmulParams(n=n, dtype=dtype, seed=n + 7)
+    outcome = run_matmul(params, "cpu", tmp_path / "c.bin")
+    data = (tmp_path / "c.bin").read_bytes()
+    assert outcome.output_size == len(data) == params.output_size
+    check = freivalds(params, data)
+    assert check.ok, check.detail
+    # The tolerance sits well above honest error: a run that needs more
+    # than a quarter of it means the tolerance is too tight for some device.
+    assert check.worst_ratio < 0.25, check.worst_ratio
+
+
+def _exact(params: MatmulParams) -> np.ndarray:
+    a, b = make_inputs(params)
+    return a.astype(np.float64) @ b.astype(np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_wrong_results_fail(dtype: str) -> None:
+    params = MatmulParams(n=128, dtype=dtype, seed=9)
+    c = _exact(params)
+    assert freivalds(params, encode_output(params, c)).ok
+    a, b = make_inputs(params)
+    wrong = {
+        "zeros": np.zeros_like(c),
+        "transposed": c.T,
+        "other seed": _exact(MatmulParams(n=128, dtype=dtype, seed=10)),
+        "B @ A": b.astype(np.float64) @ a.astype(np.float64),
+        "random": np.random.default_rng(0).normal(0, np.std(c), c.shape),
+        # The smallest single-element error each dtype resolves: low
+        # precision leaves honest noise that a tiny error hides in.
+        "one element off": c + np.pad(np.full((1, 1), OFF[dtype]), ((5, 122), (7, 120))),
+    }
+    for name, bad in wrong.items():
+        check = freivalds(params, encode_output(params, bad))
+        assert not check.ok, name
+
+
+def test_malformed_output_fails() -> None:
+    params = MatmulParams(n=16, dtype="fp32", seed=1)
+    good = encode_output(params, _exact(params))
+    assert not freivalds(params, good[:-4]).ok
+    assert not freivalds(params, good + b"\0\0\0\0").ok
+    nan = bytearray(good)
+    nan[0:4] = np.float32("nan").tobytes()
+    assert not freivalds(params, bytes(nan)).ok
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        (MatmulParams(n=0, dtype="fp32", seed=1), "spec.matmul.n"),
+        (MatmulParams(n=5000, dtype="fp32", seed=1), "spec.matmul.n"),
+        (MatmulParams(n=4, dtype="", seed=1), "spec.matmul.dtype"),
+        (MatmulParams(n=4, dtype="fp32", seed=1, repeats=101), "spec.matmul.repeats"),
+    ],
+)
+def test_bad_params_are_refused(params: MatmulParams, field: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        params.validate()
+    assert err.value.field == field
