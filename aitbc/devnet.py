@@ -77,15 +77,23 @@ def bootstrap(var: Path) -> dict[str, str]:
     return facts
 
 
-def _wait_ready(path: Path, proc: subprocess.Popen[bytes], name: str, timeout: float = 60.0) -> int:
+class NotReady(RuntimeError):
+    pass
+
+
+def wait_ready(
+    path: Path, proc: subprocess.Popen[bytes], name: str, timeout: float = 60.0, log: Path | None = None
+) -> int:
+    """Wait for a service's ready file; return the port it holds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"{name} exited with code {proc.returncode} before it was ready")
+            tail = log.read_text()[-4000:] if log and log.exists() else ""
+            raise NotReady(f"{name} exited with code {proc.returncode} before it was ready\n{tail}")
         if path.exists():
             return int(path.read_text().strip() or 0)
         time.sleep(0.05)
-    raise SystemExit(f"{name} was not ready after {timeout:.0f}s")
+    raise NotReady(f"{name} was not ready after {timeout:.0f}s")
 
 
 async def _fund(target: str, token: str, address: str) -> int:
@@ -154,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         interrupted = True
         raise KeyboardInterrupt
 
+    # Installed explicitly: a shell that starts us in the background leaves
+    # SIGINT ignored, and Python then would not raise KeyboardInterrupt.
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         wallet = start(
             "wallet",
@@ -175,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             ],
             {},
         )
-        wallet_port = _wait_ready(run / "wallet.port", wallet, "wallet")
+        wallet_port = wait_ready(run / "wallet.port", wallet, "wallet")
         balance = asyncio.run(_fund(f"127.0.0.1:{wallet_port}", facts["admin_token"], facts["client_address"]))
         coord = start(
             "coordinator",
@@ -200,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             ],
             {"AITBC_COORD_WALLET_TOKEN": facts["coordinator_token"]},
         )
-        coord_port = _wait_ready(run / "coordinator.port", coord, "coordinator")
+        coord_port = wait_ready(run / "coordinator.port", coord, "coordinator")
         miner = start(
             "miner",
             "miner_svc",
@@ -218,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             ],
             {"AITBC_MINER_API_KEY": facts["miner_token"]},
         )
-        _wait_ready(run / "miner.ready", miner, "miner")
+        wait_ready(run / "miner.ready", miner, "miner")
         (run / "endpoints.json").write_text(json.dumps({"coordinator": coord_port, "wallet": wallet_port}) + "\n")
         print(_banner(facts, coord_port, wallet_port, balance, var), flush=True)
         while True:
@@ -227,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"devnet: {name} exited with code {proc.returncode}; stopping the rest", file=sys.stderr)
                     return 1
             time.sleep(0.5)
+    except NotReady as exc:
+        print(f"devnet: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ndevnet: stopping miner, coordinator, wallet...", file=sys.stderr, flush=True)
         return 0

@@ -138,39 +138,26 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        if handler.unary_stream:
-            inner_us = handler.unary_stream
+        # Both streaming kinds take one argument (a request or an iterator
+        # of them) and yield responses: one wrapper serves both.
+        inner_stream = handler.unary_stream or handler.stream_stream
+        if inner_stream is not None:
 
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def streaming(arg: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 try:
                     enter()
-                    async for item in inner_us(request, context):
+                    async for item in inner_stream(arg, context):
                         yield item
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as exc:
                     await on_error(context, exc)
 
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+            make = (
+                grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
             )
-        if handler.stream_stream:
-            inner_ss = handler.stream_stream
-
-            async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                try:
-                    enter()
-                    async for item in inner_ss(requests, context):
-                        yield item
-                except (grpc.aio.AbortError, asyncio.CancelledError):
-                    raise
-                except Exception as exc:
-                    await on_error(context, exc)
-
-            return grpc.stream_stream_rpc_method_handler(
-                stream_stream,
+            return make(
+                streaming,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )

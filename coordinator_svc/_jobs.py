@@ -14,7 +14,7 @@ import hashlib
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -145,6 +145,7 @@ class Coordinator:
         self._outbox_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._inflight: set[asyncio.Task[None]] = set()
 
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a store call on the store's one thread: commits fsync, and the
@@ -168,9 +169,9 @@ class Coordinator:
 
     async def stop(self) -> None:
         self.disconnect_all()
-        for t in self._tasks:
+        for t in [*self._tasks, *self._inflight]:
             t.cancel()
-        for t in self._tasks:
+        for t in [*self._tasks, *self._inflight]:
             with suppress(asyncio.CancelledError):
                 await t
         self._db_exec.shutdown(wait=True)
@@ -188,6 +189,14 @@ class Coordinator:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run work that must finish even if the stream that asked for it
+        closes (a result being judged): such work is cancelled only when the
+        coordinator stops."""
+        task = asyncio.create_task(coro)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
 
     def _publish(self, rec: JobRecord | None) -> None:
         if rec is None:
@@ -254,6 +263,7 @@ class Coordinator:
             receipt=b"",
             settlement=b"",
             hold_state="NONE",
+            refused_miners="",
             create_time=now,
             update_time=now,
         )
@@ -331,13 +341,14 @@ class Coordinator:
             sessions = list(self.sessions.values())
             spec = cpb.JobSpec.FromString(rec.spec)
             req = spec.requirements
-            capable = [s for s in sessions if s.can_run(rec.workload, req)]
+            refused = set(rec.refused_miners.split())
+            capable = [s for s in sessions if s.can_run(rec.workload, req) and s.miner_id not in refused]
             free = [s for s in capable if s.free_slots > 0]
             if not free:
                 detail = (
                     f"waiting for a free slot on {len(capable)} capable miner(s)"
                     if capable
-                    else why_unplaceable(rec.workload, req, sessions)
+                    else why_unplaceable(rec.workload, req, [s for s in sessions if s.miner_id not in refused])
                 )
                 if detail != rec.status_detail:
                     self._publish(
@@ -391,8 +402,11 @@ class Coordinator:
         *,
         expect_lease: str | None = None,
         verdict: str = "",
+        refused_miners: str | None = None,
     ) -> JobRecord | None:
-        extra = {"verdict": verdict} if verdict else {}
+        extra: dict[str, str] = {"verdict": verdict} if verdict else {}
+        if refused_miners is not None:
+            extra["refused_miners"] = refused_miners
         if rec.attempts >= self.settings.max_attempts:
             new = await self.db(
                 self.store.transition,
@@ -516,6 +530,17 @@ class Coordinator:
             self.wake()
             return
         self._publish(rec)
+        try:
+            await self._judge(session, rec, res, up)
+        except Exception:
+            # Never leave a job stuck in VERIFYING: hand it out again.
+            log.exception("verification_error", job_id=job_id)
+            if up:
+                up.path.unlink(missing_ok=True)
+            await self._retry_or_fail(rec, [st.VERIFYING], "internal error while verifying the result")
+
+    async def _judge(self, session: MinerSession, rec: JobRecord, res: cpb.JobResult, up: Upload | None) -> None:
+        job_id, lease_id = rec.job_id, res.lease_id
         output = b""
         if up is not None and up.size <= up.limit:
             output = await asyncio.to_thread(up.path.read_bytes)
@@ -534,10 +559,14 @@ class Coordinator:
         if outcome.verdict != ACCEPTED:
             if up:
                 up.path.unlink(missing_ok=True)
-            await self._ack(session, lease_id, f"VERDICT_{outcome.verdict}", outcome.detail)
             await self._retry_or_fail(
-                rec, [st.VERIFYING], f"result refused ({outcome.detail})", verdict=outcome.verdict
+                rec,
+                [st.VERIFYING],
+                f"result from {session.miner_id} refused ({outcome.detail})",
+                verdict=outcome.verdict,
+                refused_miners=f"{rec.refused_miners} {session.miner_id}".strip(),
             )
+            await self._ack(session, lease_id, f"VERDICT_{outcome.verdict}", outcome.detail)
             return
         assert outcome.body is not None and up is not None
         digest = outcome.body.output_sha256

@@ -173,9 +173,12 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
                 elif kind == "chunk":
                     core.chunk(session, req.chunk)
                 elif kind == "result":
-                    await core.result(session, req.result)
+                    # Judged off the stream: heartbeats keep flowing while a
+                    # large result is checked, and a miner hanging up right
+                    # after sending cannot leave its job half-judged.
+                    core.spawn(core.result(session, req.result))
                 elif kind == "failure":
-                    await core.failure(session, req.failure)
+                    core.spawn(core.failure(session, req.failure))
                 else:
                     log.warning("unexpected_miner_message", kind=kind)
         except asyncio.CancelledError:

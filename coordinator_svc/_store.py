@@ -6,13 +6,12 @@ database so a verdict and the intent to pay commit together."""
 from __future__ import annotations
 
 import sqlite3
-import threading
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
+
+from aitbc.sqlite import SqliteStore
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -39,6 +38,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     receipt        BLOB NOT NULL DEFAULT x'',
     settlement     BLOB NOT NULL DEFAULT x'',
     hold_state     TEXT NOT NULL DEFAULT 'NONE',
+    refused_miners TEXT NOT NULL DEFAULT '',
     create_time    TEXT NOT NULL,
     update_time    TEXT NOT NULL,
     UNIQUE (client_name, request_id)
@@ -99,6 +99,9 @@ class JobRecord:
     receipt: bytes
     settlement: bytes
     hold_state: str
+    # Space-separated ids of miners whose result for this job was refused:
+    # the job is never dispatched to them again.
+    refused_miners: str
     create_time: str
     update_time: str
 
@@ -115,28 +118,8 @@ class OutboxItem:
     attempts: int
 
 
-class SqliteJobStore:
-    def __init__(self, path: Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        self._db.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+class SqliteJobStore(SqliteStore):
+    SCHEMA = SCHEMA
 
     @staticmethod
     def _get(db: sqlite3.Connection, job_id: str) -> JobRecord | None:

@@ -18,6 +18,7 @@ import pytest
 from aitbc.addresses import address_of
 from aitbc.auth import Principal, TokenTable, new_token
 from aitbc.crypto import KeyPair, load_or_create_key
+from aitbc.devnet import wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -33,17 +34,6 @@ async def eventually(check: Callable[[], Awaitable[T]], *, timeout: float = 30.0
             if time.monotonic() > deadline:
                 raise
         await asyncio.sleep(interval)
-
-
-def wait_ready(path: Path, proc: subprocess.Popen[bytes], name: str, log: Path, timeout: float = 60.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{name} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        if path.exists():
-            return int(path.read_text().strip() or 0)
-        time.sleep(0.05)
-    raise AssertionError(f"{name} not ready after {timeout}s:\n{log.read_text()[-4000:]}")
 
 
 @dataclass
@@ -92,7 +82,7 @@ class Network:
         )
         out.close()
         self.procs[name] = proc
-        port = wait_ready(ready, proc, name, self.log(name))
+        port = wait_ready(ready, proc, name, log=self.log(name))
         self.ports[name] = port
         return port
 

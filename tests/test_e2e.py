@@ -319,3 +319,28 @@ async def test_dishonest_results_are_refused_and_nothing_is_paid(
     await eventually(released)
     assert await clients.balance(network.ids["cheater"].address) == (0, 0)
     assert await clients.balance(network.treasury) == (0, 0)
+
+
+async def test_a_refused_result_is_retried_on_another_miner_and_paid_once(network: Network) -> None:
+    network.start_wallet()
+    network.start_coordinator("--max-attempts", "3")
+    clients = Clients(network)
+    try:
+        await clients.mint("client", 1_000_000)
+        cheater = asyncio.create_task(CheatingMiner(network, "wrong_c").run_one())
+        await asyncio.sleep(0.3)
+        job = await clients.submit(matmul_spec(n=32))
+        ack = await asyncio.wait_for(cheater, 60)
+        assert ack.verdict == cpb.VERDICT_BAD_OUTPUT
+        # The cheater reconnects and stays; the job must still go elsewhere.
+        cheater_again = asyncio.create_task(CheatingMiner(network, "wrong_c").run_one())
+        network.start_miner()
+        final = (await clients.watch(job.job_id))[-1]
+        cheater_again.cancel()
+        assert final.state == cpb.JOB_STATE_SETTLED, final.status_detail
+        assert final.miner_id == "miner-1" and final.attempts == 2
+        assert await clients.balance(network.ids["miner"].address) == (final.miner_amount, 0)
+        assert await clients.balance(network.ids["cheater"].address) == (0, 0)
+        assert await clients.balance(network.ids["client"].address) == (1_000_000 - final.price, 0)
+    finally:
+        await clients.close()

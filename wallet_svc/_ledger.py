@@ -12,15 +12,14 @@ SQLite silently turns an overflowing integer into a float.
 from __future__ import annotations
 
 import sqlite3
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
 from aitbc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from aitbc.sqlite import SqliteStore
 
 INT64_MAX = 2**63 - 1
 ISSUANCE = "@issuance"
@@ -117,33 +116,15 @@ def check_amount(amount: int, field: str = "amount") -> int:
     return amount
 
 
-class SqliteLedger:
+class SqliteLedger(SqliteStore):
     """One connection, serialised by a lock; commits are durable (WAL with
     synchronous=FULL) before a method returns."""
 
+    SCHEMA = SCHEMA
+
     def __init__(self, path: Path, treasury_address: str) -> None:
+        super().__init__(path)
         self.treasury = treasury_address
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        self._db.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
 
     def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         with self._lock:
