@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             [
                 "--port",
                 str(args.wallet_port),
-                "--db-path",
+                "--db",
                 str(var / "wallet.sqlite"),
                 "--tokens-file",
                 str(var / "dev/principals.json"),

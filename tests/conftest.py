@@ -63,6 +63,9 @@ class Network:
     def wallet_target(self) -> str:
         return f"127.0.0.1:{self.ports['wallet']}"
 
+    def target(self, name: str) -> str:
+        return f"127.0.0.1:{self.ports[name]}"
+
     @property
     def coord_target(self) -> str:
         return f"127.0.0.1:{self.ports['coordinator']}"
@@ -86,17 +89,17 @@ class Network:
         self.ports[name] = port
         return port
 
-    def start_wallet(self) -> None:
-        ready = self.root / "run" / "wallet.port"
+    def start_wallet(self, db: str | None = None, name: str = "wallet") -> int:
+        ready = self.root / "run" / f"{name}.port"
         ready.unlink(missing_ok=True)
-        self.spawn(
-            "wallet",
+        return self.spawn(
+            name,
             "wallet_svc",
             [
                 "--port",
                 "0",
-                "--db-path",
-                str(self.root / "wallet.sqlite"),
+                "--db",
+                db or str(self.root / "wallet.sqlite"),
                 "--tokens-file",
                 str(self.root / "principals.json"),
                 "--coordinator-public-key",
@@ -210,3 +213,30 @@ def network(tmp_path: Path) -> Iterator[Network]:
 
 def md(ident: Identity) -> Any:
     return (("authorization", f"Bearer {ident.token}"),)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    """One throwaway PostgreSQL server for the session; tests take fresh
+    databases from it. Skips where PostgreSQL cannot start, except when
+    AITBC_REQUIRE_POSTGRES=1 (as in .ci/run), where that is a failure."""
+    from aitbc.pgtemp import PostgresUnavailable, TempPostgres
+
+    try:
+        server = TempPostgres().start()
+    except PostgresUnavailable as exc:
+        if os.environ.get("AITBC_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PostgreSQL is required here but could not start: {exc}")
+        pytest.skip(f"PostgreSQL unavailable: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh ledger database of each kind."""
+    if request.param == "sqlite":
+        return str(tmp_path / "ledger.sqlite")
+    return str(request.getfixturevalue("pg_server").new_database())

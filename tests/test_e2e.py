@@ -145,7 +145,7 @@ async def test_job_is_pushed_run_verified_and_paid(network: Network, clients: Cl
             "-m",
             "wallet_svc",
             "check",
-            "--db-path",
+            "--db",
             str(network.root / "wallet.sqlite"),
             "--treasury-address",
             network.treasury,

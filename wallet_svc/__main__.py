@@ -15,7 +15,8 @@ from aitbc.auth import TokenTable
 from aitbc.crypto import check_public_key
 from aitbc.logs import setup_logging
 from aitbc.server import wait_for_shutdown_signal, write_ready_file
-from wallet_svc._ledger import SqliteLedger
+from wallet_svc._ledger import Ledger
+from wallet_svc._stores import LedgerStore, open_store
 from wallet_svc.server import OPTIONS, WalletDeps, build_server
 
 log = structlog.get_logger()
@@ -30,13 +31,16 @@ def main(argv: list[str]) -> int:
     if not conf["TREASURY_ADDRESS"]:
         raise SystemExit("TREASURY_ADDRESS is required (--treasury-address)")
     check_address(conf["TREASURY_ADDRESS"])
-    ledger = SqliteLedger(conf["DB_PATH"], conf["TREASURY_ADDRESS"])
+    ledger = Ledger(conf["TREASURY_ADDRESS"])
+    store = open_store(conf["DB"])
     if command == "check":
-        problems = ledger.check()
+        problems = store.call(ledger.check)
+        minted = store.call(ledger.minted)
+        store.close()
         for p in problems:
             print(f"MISMATCH {p}")
         print(
-            f"checked ledger {conf['DB_PATH']}: minted {ledger.minted()} uait, "
+            f"checked ledger {_redact(conf['DB'])}: minted {minted} uait, "
             f"{'clean' if not problems else f'{len(problems)} problem(s)'}"
         )
         return 1 if problems else 0
@@ -44,20 +48,29 @@ def main(argv: list[str]) -> int:
         check_public_key(bytes.fromhex(conf["COORDINATOR_PUBLIC_KEY"]))
     except ValueError:
         raise SystemExit("COORDINATOR_PUBLIC_KEY must be a 32-byte hex Ed25519 key") from None
-    return asyncio.run(serve(conf, ledger))
+    return asyncio.run(serve(conf, store, ledger))
 
 
-async def serve(conf: dict, ledger: SqliteLedger) -> int:
-    service, port = build_server(conf, WalletDeps(ledger=ledger, tokens=TokenTable.load(conf["TOKENS_FILE"])))
+def _redact(url: str) -> str:
+    """Never print a database password."""
+    if "://" in url and "@" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+async def serve(conf: dict, store: LedgerStore, ledger: Ledger) -> int:
+    deps = WalletDeps(store=store, ledger=ledger, tokens=TokenTable.load(conf["TOKENS_FILE"]))
+    service, port = build_server(conf, deps)
     await service.start()
     try:
         write_ready_file(conf["READY_FILE"], port)
-        log.info("wallet_listening", port=port, db=str(conf["DB_PATH"]))
+        log.info("wallet_listening", port=port, db=_redact(conf["DB"]))
         sig = await wait_for_shutdown_signal()
         log.info("wallet_stopping", signal=sig)
     finally:
         await service.stop(conf["SHUTDOWN_GRACE"])
-        ledger.close()
+        store.close()
     log.info("wallet_stopped")
     return 0
 

@@ -9,13 +9,14 @@ from aitbc.auth import TokenTable
 from aitbc.config import Option
 from aitbc.server import Service
 from aitbc.v1 import wallet_pb2, wallet_pb2_grpc
-from wallet_svc._ledger import SqliteLedger
+from wallet_svc._ledger import Ledger
 from wallet_svc._servicer import WalletServicer
+from wallet_svc._stores import LedgerStore
 
 OPTIONS = [
     Option("HOST", str, "127.0.0.1", "address to listen on"),
     Option("PORT", int, 50052, "port to listen on (0 picks a free one)"),
-    Option("DB_PATH", Path, Path("var/wallet.sqlite"), "SQLite ledger file"),
+    Option("DB", str, "var/wallet.sqlite", "SQLite ledger file, or a postgresql:// URL"),
     Option("TOKENS_FILE", Path, Path("var/dev/principals.json"), "principals and token hashes (JSON)"),
     Option("COORDINATOR_PUBLIC_KEY", str, "", "hex Ed25519 key whose settlements the wallet accepts"),
     Option("TREASURY_ADDRESS", str, "", "account that collects the coordinator's fee"),
@@ -28,12 +29,14 @@ OPTIONS = [
 
 @dataclass
 class WalletDeps:
-    ledger: SqliteLedger
+    store: LedgerStore
+    ledger: Ledger
     tokens: TokenTable
 
 
 def build_server(config: dict, deps: WalletDeps) -> tuple[Service, int]:
     servicer = WalletServicer(
+        deps.store,
         deps.ledger,
         coordinator_key=bytes.fromhex(config["COORDINATOR_PUBLIC_KEY"]),
         network_id=config["NETWORK_ID"],
