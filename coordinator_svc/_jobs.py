@@ -663,43 +663,66 @@ class Coordinator:
                 await asyncio.wait_for(self._outbox_wake.wait(), timeout=1.0)
             self._outbox_wake.clear()
             try:
-                for item in await self.db(self.store.due_outbox, time.time()):
-                    await self._deliver(item)
+                due = await self.db(self.store.due_outbox, time.time(), 500)
+                settles = [i for i in due if i.kind == "settle"]
+                if len(settles) > 1:
+                    # Under load, one wallet call settles the whole backlog.
+                    await self._deliver_settlements(settles)
+                elif settles:
+                    await self._deliver(settles[0])
+                for item in due:
+                    if item.kind == "release":
+                        await self._deliver(item)
+                if len(due) == 500:
+                    self._outbox_wake.set()
             except Exception:
                 log.exception("outbox_loop_error")
+
+    async def _deliver_settlements(self, items: list[st.OutboxItem]) -> None:
+        log.info("settlements_batched", count=len(items))
+        try:
+            results = await self.wallet.settle_many([signing_pb2.Signed.FromString(i.payload) for i in items])
+        except WalletError as err:
+            for item in items:
+                await self._retry_later(item, str(err))
+            return
+        for item, result in zip(items, results, strict=True):
+            if result.HasField("error"):
+                e = result.error
+                await self._retry_later(item, f"{e.code} {e.reason}: {e.message}")
+            else:
+                await self._settled(item, result.hold)
 
     async def _deliver(self, item: st.OutboxItem) -> None:
         try:
             if item.kind == "settle":
-                hold = await self.wallet.settle(signing_pb2.Signed.FromString(item.payload))
-                new = await self.db(
-                    self.store.outbox_done,
-                    item.job_id,
-                    "settle",
-                    from_states=[st.SETTLING],
-                    state=st.SETTLED,
-                    hold_state="SETTLED",
-                )
-                log.info(
-                    "job_settled",
-                    job_id=item.job_id,
-                    miner_amount=hold.miner_amount,
-                    fee_amount=hold.fee_amount,
-                    refunded=hold.refunded_amount,
-                )
-            else:
-                await self.wallet.release(item.job_id, item.payload.decode(errors="replace"))
-                new = await self.db(
-                    self.store.outbox_done, item.job_id, "release", from_states=[], hold_state="RELEASED"
-                )
-                log.info("hold_released", job_id=item.job_id)
-            self._publish(new)
+                await self._settled(item, await self.wallet.settle(signing_pb2.Signed.FromString(item.payload)))
+                return
+            await self.wallet.release(item.job_id, item.payload.decode(errors="replace"))
         except WalletError as err:
-            delay = min(30.0, 0.5 * 2 ** min(item.attempts, 6)) * random.uniform(0.8, 1.2)
-            log.warning(
-                "settlement_retry", job_id=item.job_id, kind=item.kind, error=str(err), retry_in=round(delay, 2)
-            )
-            await self.db(self.store.outbox_retry, item.job_id, item.kind, time.time() + delay, str(err))
+            await self._retry_later(item, str(err))
+            return
+        new = await self.db(self.store.outbox_done, item.job_id, "release", from_states=[], hold_state="RELEASED")
+        log.info("hold_released", job_id=item.job_id)
+        self._publish(new)
+
+    async def _settled(self, item: st.OutboxItem, hold: Any) -> None:
+        new = await self.db(
+            self.store.outbox_done, item.job_id, "settle", from_states=[st.SETTLING], state=st.SETTLED,
+            hold_state="SETTLED",
+        )  # fmt: skip
+        log.info(
+            "job_settled", job_id=item.job_id, miner_amount=hold.miner_amount, fee_amount=hold.fee_amount,
+            refunded=hold.refunded_amount,
+        )  # fmt: skip
+        self._publish(new)
+
+    async def _retry_later(self, item: st.OutboxItem, error: str) -> None:
+        # Retried until the wallet answers: the wallet dedupes on the job id,
+        # so a retry of a settlement that did land pays nothing more.
+        delay = min(30.0, 0.5 * 2 ** min(item.attempts, 6)) * random.uniform(0.8, 1.2)
+        log.warning("settlement_retry", job_id=item.job_id, kind=item.kind, error=error, retry_in=round(delay, 2))
+        await self.db(self.store.outbox_retry, item.job_id, item.kind, time.time() + delay, error)
 
 
 def _utc(epoch: float) -> Any:

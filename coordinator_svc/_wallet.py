@@ -52,6 +52,11 @@ class WalletClient:
         assert isinstance(resp, wallet_pb2.SettleHoldResponse)
         return resp.hold
 
+    async def settle_many(self, settlements: list[signing_pb2.Signed]) -> list[wallet_pb2.SettleHoldResult]:
+        resp = await self._call("SettleHolds", wallet_pb2.SettleHoldsRequest(settlements=settlements))
+        assert isinstance(resp, wallet_pb2.SettleHoldsResponse)
+        return list(resp.results)
+
     async def release(self, job_id: str, reason: str) -> wallet_pb2.Hold:
         resp = await self._call("ReleaseHold", wallet_pb2.ReleaseHoldRequest(job_id=job_id, reason=reason))
         assert isinstance(resp, wallet_pb2.ReleaseHoldResponse)

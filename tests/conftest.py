@@ -89,7 +89,7 @@ class Network:
         self.ports[name] = port
         return port
 
-    def start_wallet(self, db: str | None = None, name: str = "wallet") -> int:
+    def start_wallet(self, db: str | None = None, name: str = "wallet", port: int = 0) -> int:
         ready = self.root / "run" / f"{name}.port"
         ready.unlink(missing_ok=True)
         return self.spawn(
@@ -97,7 +97,7 @@ class Network:
             "wallet_svc",
             [
                 "--port",
-                "0",
+                str(port),
                 "--db",
                 db or str(self.root / "wallet.sqlite"),
                 "--tokens-file",

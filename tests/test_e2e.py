@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ from aitbc.timeutil import ts_now
 from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import coordinator_pb2_grpc, signing_pb2, wallet_pb2, wallet_pb2_grpc, workloads_pb2
 from aitbc.workloads.matmul import MatmulParams, encode_output, make_inputs
-from tests.conftest import ROOT, Network, md
+from tests.conftest import ROOT, Network, eventually, md
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -314,8 +315,6 @@ async def test_dishonest_results_are_refused_and_nothing_is_paid(
     async def released() -> None:
         assert await clients.balance(network.ids["client"].address) == (1_000_000, 0)
 
-    from tests.conftest import eventually
-
     await eventually(released)
     assert await clients.balance(network.ids["cheater"].address) == (0, 0)
     assert await clients.balance(network.treasury) == (0, 0)
@@ -342,5 +341,37 @@ async def test_a_refused_result_is_retried_on_another_miner_and_paid_once(networ
         assert await clients.balance(network.ids["miner"].address) == (final.miner_amount, 0)
         assert await clients.balance(network.ids["cheater"].address) == (0, 0)
         assert await clients.balance(network.ids["client"].address) == (1_000_000 - final.price, 0)
+    finally:
+        await clients.close()
+
+
+async def test_settlements_wait_out_a_wallet_outage_and_pay_once(network: Network) -> None:
+    network.start_wallet()
+    network.start_coordinator("--lease-secs", "10")
+    network.start_miner()
+    clients = Clients(network)
+    try:
+        await clients.mint("client", 10_000_000)
+        jobs = [await clients.submit(matmul_spec(n=16)) for _ in range(20)]
+        wallet_port = network.ports["wallet"]
+        network.stop("wallet", signal.SIGKILL)
+
+        async def all_settling() -> None:
+            for job in jobs:
+                req = cpb.GetJobRequest(job_id=job.job_id)
+                got = await clients.coord.GetJob(req, metadata=md(network.ids["client"]))
+                assert got.job.state == cpb.JOB_STATE_SETTLING, cpb.JobState.Name(got.job.state)
+
+        await eventually(all_settling, timeout=60)
+        await asyncio.sleep(1.5)  # let the outbox fail and back off at least once
+        network.start_wallet(port=wallet_port)
+        await clients.wallet_channel.close()
+        clients.wallet_channel = grpc.aio.insecure_channel(network.wallet_target)
+        clients.wallet = wallet_pb2_grpc.WalletServiceStub(clients.wallet_channel)
+        finals = [(await clients.watch(job.job_id))[-1] for job in jobs]
+        assert all(f.state == cpb.JOB_STATE_SETTLED for f in finals)
+        paid = sum(f.miner_amount for f in finals)
+        assert await clients.balance(network.ids["miner"].address) == (paid, 0)
+        assert await clients.balance(network.ids["client"].address) == (10_000_000 - sum(f.price for f in finals), 0)
     finally:
         await clients.close()
