@@ -11,6 +11,7 @@ fast (see docs/DESIGN-NOTES.md).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -56,10 +57,17 @@ def check_public_key(public_key: bytes, *, field: str = "public_key") -> bytes:
     return public_key
 
 
+@functools.lru_cache(maxsize=4096)
+def _valid_point(public_key: bytes) -> bool:
+    # The point check costs as much as half a verification; the same few
+    # keys (the coordinator's, each miner's) sign over and over.
+    return bool(nacl.bindings.crypto_core_ed25519_is_valid_point(public_key))
+
+
 def verify(domain: str, body: bytes, signature: bytes, public_key: bytes) -> bool:
     if len(signature) != SIGNATURE_BYTES or len(public_key) != PUBLIC_KEY_BYTES:
         return False
-    if not nacl.bindings.crypto_core_ed25519_is_valid_point(public_key):
+    if not _valid_point(public_key):
         return False
     try:
         nacl.signing.VerifyKey(public_key).verify(signing_input(domain, body), signature)

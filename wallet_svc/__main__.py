@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
     ledger = Ledger(conf["TREASURY_ADDRESS"])
     store = open_store(conf["DB"])
     if command == "check":
-        problems = store.call(ledger.check)
+        problems = store.call(ledger.check, snapshot=True)
         minted = store.call(ledger.minted)
         store.close()
         for p in problems:

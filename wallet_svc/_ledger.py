@@ -124,12 +124,18 @@ class Ledger:
     # -- reads ---------------------------------------------------------------
 
     @staticmethod
-    def balance(tx: Tx, address: str, *, lock: bool = False) -> Balance:
+    def balance(tx: Tx, address: str) -> Balance:
         row = tx.one("SELECT available, held FROM balances WHERE address = ?", (address,))
         return Balance(address, int(row[0]), int(row[1])) if row else Balance(address, 0, 0)
 
     @staticmethod
     def minted(tx: Tx) -> int:
+        row = tx.one("SELECT minted FROM supply WHERE id = 1")
+        return int(row[0]) if row else 0
+
+    @staticmethod
+    def issued(tx: Tx) -> int:
+        """Everything minted, according to the journal."""
         row = tx.one("SELECT COALESCE(SUM(amount), 0) FROM postings WHERE address = ?", (ISSUANCE,))
         return -int(row[0]) if row else 0
 
@@ -173,7 +179,15 @@ class Ledger:
         body_sha256: bytes | None = None,
     ) -> int:
         """Write one balanced transaction (address, bucket, amount,
-        counterparty) and apply it to the balances. Returns its id."""
+        counterparty) and apply it to the balances. Returns its id.
+
+        Balances change in SQL (`x = x + delta`), never by writing back a
+        value read earlier, so concurrent writers on PostgreSQL cannot lose
+        an update; a debit only applies if it leaves the bucket >= 0.
+        Accounts are touched in address order, so two transactions never
+        wait on each other in a cycle. No balance can overflow: all of them
+        together never exceed the supply, which mint() bounds to int64.
+        """
         assert sum(p[2] for p in postings) == 0, "unbalanced transaction"
         row = tx.one(
             "INSERT INTO txns(kind, job_id, request_id, body_sha256, create_time) VALUES (?, ?, ?, ?, ?) RETURNING id",
@@ -181,7 +195,7 @@ class Ledger:
         )
         assert row is not None
         txn_id = int(row[0])
-        for address, bucket, amount, counterparty in postings:
+        for address, bucket, amount, counterparty in sorted(postings):
             if amount == 0:
                 continue
             tx.run(
@@ -190,20 +204,24 @@ class Ledger:
             )
             if address == ISSUANCE:
                 continue
-            bal = self.balance(tx, address)
-            available = bal.available + (amount if bucket == "available" else 0)
-            held = bal.held + (amount if bucket == "held" else 0)
-            if available < 0 or held < 0:
-                raise FailedPrecondition(
-                    f"insufficient funds in {address}", reason="INSUFFICIENT_FUNDS", metadata={"address": address}
+            assert bucket in ("available", "held")
+            if amount < 0:
+                debited = tx.run(
+                    f"UPDATE balances SET {bucket} = {bucket} + ? WHERE address = ? AND {bucket} >= ?",
+                    (amount, address, -amount),
                 )
-            if available > INT64_MAX or held > INT64_MAX:
-                raise FailedPrecondition("balance would overflow int64", reason="OVERFLOW")
-            tx.run(
-                "INSERT INTO balances(address, available, held) VALUES (?, ?, ?) "
-                "ON CONFLICT(address) DO UPDATE SET available = excluded.available, held = excluded.held",
-                (address, available, held),
-            )
+                if debited != 1:
+                    raise FailedPrecondition(
+                        f"insufficient funds in {address}",
+                        reason="INSUFFICIENT_FUNDS",
+                        metadata={"address": address},
+                    )
+            else:
+                tx.run(
+                    f"INSERT INTO balances(address, available, held) VALUES (?, ?, ?) ON CONFLICT(address) "
+                    f"DO UPDATE SET {bucket} = balances.{bucket} + excluded.{bucket}",
+                    (address, amount if bucket == "available" else 0, amount if bucket == "held" else 0),
+                )
         return txn_id
 
     def mint(self, tx: Tx, address: str, amount: int, request_id: str) -> Balance:
@@ -222,7 +240,11 @@ class Ledger:
                     "request_id was already used for a different mint", field="request_id", reason="REQUEST_ID_REUSED"
                 )
             return self.balance(tx, address)
-        if self.minted(tx) + amount > INT64_MAX:
+        # The supply row bounds all money to int64 (and serialises mints).
+        raised = tx.run(
+            "UPDATE supply SET minted = minted + ? WHERE id = 1 AND minted <= ? - ?", (amount, INT64_MAX, amount)
+        )
+        if raised != 1:
             raise FailedPrecondition("total supply would overflow int64", reason="OVERFLOW")
         self._post(
             tx,
@@ -315,7 +337,9 @@ class Ledger:
             ),
         )
         if claimed != 1:
-            raise FailedPrecondition(f"job {s.job_id}'s hold changed concurrently", reason="CONFLICT")
+            # Another writer closed the hold while we waited for its row:
+            # answer as if we had come second, which we did.
+            return self.settle_hold(tx, s)
         self._post(
             tx,
             "settle",
@@ -344,7 +368,7 @@ class Ledger:
             (RELEASED, _now(), job_id, HELD),
         )
         if claimed != 1:
-            raise FailedPrecondition(f"job {job_id}'s hold changed concurrently", reason="CONFLICT")
+            return self.release_hold(tx, job_id)
         self._post(
             tx,
             "release",
@@ -378,9 +402,11 @@ class Ledger:
             if min(s) < 0 or min(d) < 0:
                 problems.append(f"{address}: negative balance {s}")
         total = sum(av + h for av, h in stored.values())
-        minted = self.minted(tx)
+        minted, issued = self.minted(tx), self.issued(tx)
         if total != minted:
             problems.append(f"balances sum to {total} but {minted} was minted")
+        if issued != minted:
+            problems.append(f"the journal issued {issued} but the supply says {minted}")
         row = tx.one("SELECT COALESCE(SUM(amount), 0) FROM holds WHERE state = ?", (HELD,))
         open_holds = int(row[0]) if row else 0
         all_held = sum(h for _, h in stored.values())

@@ -2,14 +2,17 @@
 wallet processes on one database). Both run a ledger operation as one
 transaction and are durable before they return.
 
-SQLite: one writer thread commits concurrent operations together (group
-commit): each operation runs under its own savepoint, so one that fails
-rolls back alone, and one fsync covers the batch. That is what lets a
-single SQLite file settle thousands of holds a second.
+Both commit concurrent operations together (group commit, see
+LedgerStore): one writer thread, a savepoint per operation, one fsync per
+batch. That is what lets one SQLite file settle thousands of holds a second,
+and keeps PostgreSQL's hot rows (the treasury, busy miners) from
+serialising every settlement behind its own commit.
 
-PostgreSQL: a pool of connections, each operation a SERIALIZABLE
-transaction, retried on serialization failures and unique-key races, so
-concurrent processes can never both pay one job.
+PostgreSQL: READ COMMITTED transactions. The ledger changes balances in SQL (x = x + delta, debits
+guarded by x >= amount) and closes holds with a compare-and-set, so row
+locks queue concurrent writers instead of aborting them; unique-key races
+(two processes applying one request id) and deadlocks are retried from the
+start. Audits (`check`) read one REPEATABLE READ snapshot.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,6 +44,11 @@ CREATE TABLE IF NOT EXISTS balances (
     available INTEGER NOT NULL CHECK (available >= 0),
     held      INTEGER NOT NULL CHECK (held >= 0)
 );
+CREATE TABLE IF NOT EXISTS supply (
+    id     INTEGER PRIMARY KEY CHECK (id = 1),
+    minted INTEGER NOT NULL CHECK (minted >= 0)
+);
+INSERT INTO supply(id, minted) VALUES (1, 0) ON CONFLICT(id) DO NOTHING;
 CREATE TABLE IF NOT EXISTS txns (
     id          INTEGER PRIMARY KEY,
     kind        TEXT NOT NULL,
@@ -85,6 +93,11 @@ CREATE TABLE IF NOT EXISTS balances (
     available BIGINT NOT NULL CHECK (available >= 0),
     held      BIGINT NOT NULL CHECK (held >= 0)
 );
+CREATE TABLE IF NOT EXISTS supply (
+    id     INTEGER PRIMARY KEY CHECK (id = 1),
+    minted BIGINT NOT NULL CHECK (minted >= 0)
+);
+INSERT INTO supply(id, minted) VALUES (1, 0) ON CONFLICT(id) DO NOTHING;
 CREATE TABLE IF NOT EXISTS txns (
     id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     kind        TEXT NOT NULL,
@@ -120,16 +133,113 @@ CREATE TABLE IF NOT EXISTS holds (
 
 
 class LedgerStore:
-    """Runs ledger operations, each as one durable transaction."""
+    """Runs ledger operations, each as one durable transaction.
 
-    def call(self, op: Op[T]) -> T:
+    `run` (async) hands operations to one writer thread that commits
+    whatever has queued up together: each operation under its own
+    savepoint, so one that fails rolls back alone, and one commit (one
+    fsync) covers the batch. Subclasses say how to open a transaction and
+    which errors mean "run that operation again".
+    """
+
+    MAX_BATCH = 256
+    RETRYABLE: tuple[type[BaseException], ...] = ()
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Op[Any], asyncio.Future[Any]] | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _batch_tx(self) -> AbstractContextManager[tuple[Tx, Callable[[str], object]]]:
+        """One transaction: (the ledger's view of it, raw statement runner)."""
+        raise NotImplementedError
+
+    def call(self, op: Op[T], *, snapshot: bool = False) -> T:
+        """Run op in one transaction now; snapshot=True: every statement sees
+        the same committed state (for audits)."""
         raise NotImplementedError
 
     async def run(self, op: Op[T]) -> T:
-        raise NotImplementedError
+        if self._writer is None:
+            self._loop = asyncio.get_running_loop()
+            self._writer = threading.Thread(target=self._write_loop, name="ledger-writer", daemon=True)
+            self._writer.start()
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put((op, fut))
+        return await fut
+
+    def _write_loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < self.MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)
+                    break
+                batch.append(item)
+            outcomes = self._commit_batch([op for op, _ in batch])
+            # One wake-up of the event loop per batch, not one per operation.
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(_resolve, [fut for _, fut in batch], outcomes)
+
+    def _commit_batch(self, ops: list[Op[Any]]) -> list[tuple[bool, Any]]:
+        for attempt in range(20):
+            outcomes: list[tuple[bool, Any]] = []
+            try:
+                with self._batch_tx() as (tx, raw):
+                    for op in ops:
+                        outcomes.append(self._one(op, tx, raw))
+                return outcomes
+            except self.RETRYABLE:
+                time.sleep(random.uniform(0, 0.002 * (attempt + 1)))
+            except Exception as exc:  # the commit itself failed: nothing happened
+                return [(False, exc)] * len(ops)
+        return [(False, RuntimeError("ledger batch kept conflicting"))] * len(ops)
+
+    def _one(self, op: Op[Any], tx: Tx, raw: Callable[[str], object]) -> tuple[bool, Any]:
+        for attempt in range(20):
+            raw("SAVEPOINT op")
+            try:
+                result = op(tx)
+            except self.RETRYABLE:
+                # Lost a race to another process (same request id, a
+                # deadlock): undo this operation only and run it again; it
+                # now sees the winner's committed write.
+                raw("ROLLBACK TO SAVEPOINT op")
+                raw("RELEASE SAVEPOINT op")
+                time.sleep(random.uniform(0, 0.001 * (attempt + 1)))
+                continue
+            except Exception as exc:  # one operation's failure is its own
+                raw("ROLLBACK TO SAVEPOINT op")
+                raw("RELEASE SAVEPOINT op")
+                return False, exc
+            raw("RELEASE SAVEPOINT op")
+            return True, result
+        return False, RuntimeError("ledger operation kept conflicting")
+
+    def _stop_writer(self) -> None:
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join(timeout=10)
 
     def close(self) -> None:
         raise NotImplementedError
+
+
+def _resolve(futures: list[asyncio.Future[Any]], outcomes: list[tuple[bool, Any]]) -> None:
+    for fut, (ok, value) in zip(futures, outcomes, strict=True):
+        if fut.cancelled():
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
 
 
 class _SqliteTx:
@@ -150,72 +260,25 @@ class _SqliteTx:
 
 class SqliteLedgerStore(SqliteStore, LedgerStore):
     SCHEMA = SQLITE_SCHEMA
-    SCHEMA_VERSION = 2
-    MAX_BATCH = 256
+    SCHEMA_VERSION = 3
 
     def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self._queue: queue.SimpleQueue[tuple[Op[Any], Future[Any]] | None] = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
+        SqliteStore.__init__(self, path)
+        LedgerStore.__init__(self)
 
-    def call(self, op: Op[T]) -> T:
+    def call(self, op: Op[T], *, snapshot: bool = False) -> T:
+        # SQLite transactions are serialisable: always a snapshot.
         with self._tx() as db:
             return op(_SqliteTx(db))
 
-    async def run(self, op: Op[T]) -> T:
-        if self._writer is None:
-            self._writer = threading.Thread(target=self._write_loop, name="ledger-writer", daemon=True)
-            self._writer.start()
-        fut: Future[T] = Future()
-        self._queue.put((op, fut))
-        return await asyncio.wrap_future(fut)
-
-    def _write_loop(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            while len(batch) < self.MAX_BATCH:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._queue.put(None)
-                    break
-                batch.append(item)
-            self._commit_batch(batch)
-
-    def _commit_batch(self, batch: list[tuple[Op[Any], Future[Any]]]) -> None:
-        outcomes: list[tuple[bool, Any]] = []
-        try:
-            with self._tx() as db:
-                tx = _SqliteTx(db)
-                for op, _ in batch:
-                    db.execute("SAVEPOINT op")
-                    try:
-                        outcomes.append((True, op(tx)))
-                        db.execute("RELEASE op")
-                    except Exception as exc:  # one operation's failure is its own
-                        db.execute("ROLLBACK TO op")
-                        db.execute("RELEASE op")
-                        outcomes.append((False, exc))
-        except Exception as exc:  # the commit itself failed: nothing happened
-            for _, fut in batch:
-                fut.set_exception(exc)
-            return
-        for (ok, value), (_, fut) in zip(outcomes, batch, strict=True):
-            if ok:
-                fut.set_result(value)
-            else:
-                fut.set_exception(value)
+    @contextmanager
+    def _batch_tx(self) -> Iterator[tuple[Tx, Callable[[str], object]]]:
+        with self._tx() as db:
+            yield _SqliteTx(db), lambda sql: db.execute(sql)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._queue.put(None)
-            self._writer.join(timeout=10)
-        super().close()
+        self._stop_writer()
+        SqliteStore.close(self)
 
 
 class _PgTx:
@@ -244,11 +307,11 @@ class _PgTx:
 class PostgresLedgerStore(LedgerStore):
     SCHEMA_LOCK = 0x41495442  # "AITB": serialises schema creation across processes
 
-    def __init__(self, dsn: str, pool_size: int = 8) -> None:
+    def __init__(self, dsn: str, pool_size: int = 4) -> None:
         import psycopg
 
-        self._psycopg = psycopg
-        self._retryable = (
+        super().__init__()
+        self.RETRYABLE = (
             psycopg.errors.SerializationFailure,
             psycopg.errors.DeadlockDetected,
             psycopg.errors.UniqueViolation,
@@ -258,22 +321,29 @@ class PostgresLedgerStore(LedgerStore):
                 cur.execute("SELECT pg_advisory_xact_lock(%s)", (self.SCHEMA_LOCK,))
                 cur.execute(PG_SCHEMA)
             conn.commit()
+        # The writer thread's own connection, and a small pool for call().
+        self._writer_conn = psycopg.connect(dsn, autocommit=False)
         self._pool: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for _ in range(pool_size):
-            conn = psycopg.connect(dsn, autocommit=False)
-            conn.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
-            self._pool.put(conn)
+            self._pool.put(psycopg.connect(dsn, autocommit=False))
         self._size = pool_size
-        self._exec = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="ledger-pg")
 
-    def call(self, op: Op[T]) -> T:
+    @contextmanager
+    def _batch_tx(self) -> Iterator[tuple[Tx, Callable[[str], object]]]:
+        conn = self._writer_conn
+        with conn.transaction(), conn.cursor() as cur:
+            yield _PgTx(cur), lambda sql: cur.execute(sql)
+
+    def call(self, op: Op[T], *, snapshot: bool = False) -> T:
         conn = self._pool.get()
         try:
             for attempt in range(100):
                 try:
                     with conn.transaction(), conn.cursor() as cur:
+                        if snapshot:
+                            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                         return op(_PgTx(cur))
-                except self._retryable:
+                except self.RETRYABLE:
                     # Another process touched the same rows: run again from
                     # the start; the loser of a race sees the winner's write.
                     time.sleep(random.uniform(0, 0.002 * (attempt + 1)))
@@ -281,11 +351,9 @@ class PostgresLedgerStore(LedgerStore):
         finally:
             self._pool.put(conn)
 
-    async def run(self, op: Op[T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._exec, self.call, op)
-
     def close(self) -> None:
-        self._exec.shutdown(wait=True)
+        self._stop_writer()
+        self._writer_conn.close()
         for _ in range(self._size):
             self._pool.get().close()
 
