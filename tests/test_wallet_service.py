@@ -167,6 +167,27 @@ async def test_history_is_private_paginated_and_newest_first(wallet: Wallet, net
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+async def test_accounts_are_registered_for_valid_keys_only(wallet: Wallet, network: Network) -> None:
+    key = crypto.KeyPair.generate()
+    resp = await wallet.stub.CreateAccount(
+        wallet_pb2.CreateAccountRequest(public_key=key.public_key), metadata=wallet.as_("client")
+    )
+    from aitbc.addresses import address_of
+
+    assert resp.address == address_of(key.public_key)
+    again = await wallet.stub.CreateAccount(
+        wallet_pb2.CreateAccountRequest(public_key=key.public_key), metadata=wallet.as_("client")
+    )
+    assert again.address == resp.address
+    for bad in (bytes(32), b"\x01" + bytes(31), bytes(31)):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await wallet.stub.CreateAccount(
+                wallet_pb2.CreateAccountRequest(public_key=bad), metadata=wallet.as_("client")
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_reason(err.value) == "BAD_PUBLIC_KEY"
+
+
 async def test_only_the_coordinator_moves_escrow(wallet: Wallet, network: Network) -> None:
     client = network.ids["client"].address
     await wallet.mint(client, 100)
@@ -293,13 +314,19 @@ async def settle_all(w: Wallet, settlements: dict[str, signing_pb2.Signed], ackn
     await asyncio.gather(*(one(j, s) for j, s in settlements.items()))
 
 
-async def test_sigkill_during_settlements_loses_nothing_and_pays_nothing_twice(network: Network) -> None:
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_sigkill_during_settlements_loses_nothing_and_pays_nothing_twice(
+    network: Network, kind: str, request: pytest.FixtureRequest
+) -> None:
     """Ten times: stream settlements, SIGKILL the wallet at a random moment,
     restart it. Every acknowledged settlement survives; retrying all of them
     pays none twice; `check` stays clean."""
     rng = random.Random(1234)
     client, miner = network.ids["client"].address, network.ids["miner"].address
-    network.start_wallet()
+    db = str(network.root / "wallet.sqlite")
+    if kind == "postgres":
+        db = request.getfixturevalue("pg_server").new_database()
+    network.start_wallet(db=db)
     w = Wallet(network)
     await w.mint(client, 10**12)
     await w.close()
@@ -318,7 +345,7 @@ async def test_sigkill_during_settlements_loses_nothing_and_pays_nothing_twice(n
         await runner
         await w.close()
         network.stop("wallet")
-        network.start_wallet()
+        network.start_wallet(db=db)
     w = Wallet(network)
     try:
         assert acknowledged, "the kill came before any settlement; nothing was tested"
@@ -347,5 +374,5 @@ async def test_sigkill_during_settlements_loses_nothing_and_pays_nothing_twice(n
     finally:
         await w.close()
     network.stop("wallet")
-    out = wallet_check(network, str(network.root / "wallet.sqlite"))
+    out = wallet_check(network, db)
     assert out.returncode == 0, out.stdout
