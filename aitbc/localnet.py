@@ -96,7 +96,7 @@ class Network:
             ready,
         )
 
-    def start_coordinator(self, *extra: str) -> None:
+    def start_coordinator(self, *extra: str, port: int = 0) -> None:
         ready = self.root / "run" / "coordinator.port"
         ready.unlink(missing_ok=True)
         self.spawn(
@@ -104,7 +104,7 @@ class Network:
             "coordinator_svc",
             [
                 "--port",
-                "0",
+                str(port),
                 "--db-path",
                 str(self.root / "coordinator.sqlite"),
                 "--blobs-dir",
@@ -180,6 +180,7 @@ def make_network(root: Path) -> Network:
     add("client", "client", with_key=True)
     add("client2", "client", with_key=True)
     add("miner", "miner", with_key=True, miner_id="miner-1")
+    add("miner2", "miner", with_key=True, miner_id="miner-2")
     add("cheater", "miner", with_key=True, miner_id="cheater-1")
     TokenTable.dump(root / "principals.json", [(i.token, i.principal) for i in ids.values()])
     return Network(root=root, coordinator_key=coordinator_key, treasury=treasury, ids=ids)

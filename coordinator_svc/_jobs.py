@@ -10,6 +10,7 @@ watchers) is rebuilt from it and from reconnecting miners.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import random
 import secrets
@@ -76,6 +77,9 @@ class MinerSession:
     leases: dict[str, tuple[str, int]] = field(default_factory=dict)
     uploads: dict[str, Upload] = field(default_factory=dict)
     connected_at: float = field(default_factory=time.monotonic)
+    # False from a lapsed lease until the next heartbeat: a miner that went
+    # quiet (paused, wedged) gets no new work while it is quiet.
+    healthy: bool = True
 
     @property
     def free_slots(self) -> int:
@@ -234,6 +238,11 @@ class Coordinator:
                 reason="PRICE_ABOVE_MAX",
                 metadata={"price": str(price)},
             )
+        deadline = 0.0
+        if spec.HasField("deadline_time"):
+            deadline = spec.deadline_time.ToNanoseconds() / 1e9
+            if deadline <= time.time():
+                raise InvalidArgument("deadline_time is in the past", field="spec.deadline_time")
         spec_bytes = spec.SerializeToString(deterministic=True)
         prior = await self.db(self.store.get_by_request, caller.name, request_id)
         if prior is not None:
@@ -264,6 +273,7 @@ class Coordinator:
             settlement=b"",
             hold_state="NONE",
             refused_miners="",
+            deadline=deadline,
             create_time=now,
             update_time=now,
         )
@@ -308,6 +318,81 @@ class Coordinator:
             raise NotFound(f"job {job_id!r} not found", field="job_id", reason="JOB_NOT_FOUND")
         return rec
 
+    async def cancel(self, caller: Principal, job_id: str) -> JobRecord:
+        rec = await self.get(caller, job_id)
+        if rec.state == st.CANCELLED:
+            return rec
+        if rec.state == st.HOLDING:
+            raise FailedPrecondition("the job's hold is still being placed; retry in a moment", reason="JOB_NOT_READY")
+        cancellable = [st.QUEUED, *st.LEASED]
+        if rec.state not in cancellable:
+            raise FailedPrecondition(
+                f"the job is {rec.state.lower()}: too late to cancel", reason="NOT_CANCELLABLE",
+                metadata={"state": rec.state},
+            )  # fmt: skip
+        new = await self._end(rec, cancellable, st.CANCELLED, "cancelled by the client")
+        if new is None:  # it moved on meanwhile: say where it is
+            return await self.get(caller, job_id)
+        return new
+
+    async def _end(self, rec: JobRecord, from_states: list[str], state: str, why: str) -> JobRecord | None:
+        """End an unverified job for good: tell its miner to stop, refund."""
+        new = await self.db(
+            self.store.transition, rec.job_id, from_states=from_states, state=state, lease_id="",
+            status_detail=why, outbox=("release", why.encode()),
+        )  # fmt: skip
+        if new is None:
+            return None
+        session = self.sessions.get(rec.miner_id)
+        held = session.leases.pop(rec.lease_id, None) if session is not None and rec.state in st.LEASED else None
+        if session is not None and held is not None:
+            session.outbox.put_nowait(
+                cpb.ConnectResponse(cancel=cpb.CancelAssignment(lease_id=rec.lease_id, reason=why))
+            )
+            self.wake()
+        self._outbox_wake.set()
+        self._publish(new)
+        return new
+
+    async def list_jobs(
+        self, caller: Principal, states: list[str], page_size: int, page_token: str
+    ) -> tuple[list[JobRecord], str]:
+        if page_size < 0:
+            raise InvalidArgument("page_size must not be negative", field="page_size")
+        size = min(page_size or 50, 500)
+        before = _parse_job_token(page_token)
+        rows = await self.db(self.store.list_for_client, caller.name, states, before, size + 1)
+        page = rows[:size]
+        token = _job_token(page[-1]) if len(rows) > size else ""
+        return page, token
+
+    async def result_chunks(self, caller: Principal, job_id: str) -> AsyncIterator[tuple[int, bytes, int, bytes]]:
+        """(offset, data, total size, sha256) of a verified output, checked
+        against its digest as it is read."""
+        rec = await self.get(caller, job_id)
+        if rec.state not in (st.SETTLING, st.SETTLED) or not rec.output_sha256:
+            raise FailedPrecondition(
+                f"the job is {rec.state.lower()}: it has no verified result", reason="NO_RESULT",
+                metadata={"state": rec.state},
+            )  # fmt: skip
+        path = self.blobs / rec.output_sha256.hex()
+        if not path.exists():
+            raise FailedPrecondition("the job's result is no longer stored", reason="RESULT_GONE")
+        total = path.stat().st_size
+        digest = hashlib.sha256()
+        offset = 0
+        with path.open("rb") as f:
+            while True:
+                data = await asyncio.to_thread(f.read, 1024 * 1024)
+                if not data:
+                    break
+                digest.update(data)
+                yield offset, data, total, rec.output_sha256
+                offset += len(data)
+        if digest.digest() != rec.output_sha256:
+            log.error("result_blob_corrupt", job_id=job_id)
+            raise FailedPrecondition("the stored result does not match its digest", reason="RESULT_CORRUPT")
+
     async def watch(self, caller: Principal, job_id: str) -> AsyncIterator[JobRecord]:
         await self.get(caller, job_id)
         q = self.watch_hub.subscribe(job_id)
@@ -342,7 +427,7 @@ class Coordinator:
             spec = cpb.JobSpec.FromString(rec.spec)
             req = spec.requirements
             refused = set(rec.refused_miners.split())
-            capable = [s for s in sessions if s.can_run(rec.workload, req) and s.miner_id not in refused]
+            capable = [s for s in sessions if s.healthy and s.can_run(rec.workload, req) and s.miner_id not in refused]
             free = [s for s in capable if s.free_slots > 0]
             if not free:
                 detail = (
@@ -438,7 +523,7 @@ class Coordinator:
 
     # -- miner side -------------------------------------------------------
 
-    async def miner_joined(self, session: MinerSession) -> None:
+    async def miner_joined(self, session: MinerSession, in_flight: frozenset[str] = frozenset()) -> None:
         old = self.sessions.get(session.miner_id)
         if old is not None:
             # The newest stream wins; the old one is told to go away.
@@ -446,10 +531,21 @@ class Coordinator:
         self.sessions[session.miner_id] = session
         # Leases the miner held before (a reconnect): keep them on the new
         # session so its results are accepted.
-        for rec in await self.db(self.store.in_states, st.LEASED):
-            if rec.miner_id == session.miner_id:
+        held = [r for r in await self.db(self.store.in_states, st.LEASED) if r.miner_id == session.miner_id]
+        for rec in held:
+            if rec.lease_id in in_flight:
                 workload, params = workload_of(cpb.JobSpec.FromString(rec.spec))
                 session.leases[rec.lease_id] = (rec.job_id, workload.output_size(params))
+            else:
+                # The miner came back without it (restarted, lost it): no
+                # need to wait for the lease to lapse.
+                await self._retry_or_fail(
+                    rec, st.LEASED, "miner reconnected without the job", expect_lease=rec.lease_id
+                )
+        for lease_id in in_flight - set(session.leases):
+            session.outbox.put_nowait(
+                cpb.ConnectResponse(cancel=cpb.CancelAssignment(lease_id=lease_id, reason="lease no longer valid"))
+            )
         log.info(
             "miner_joined",
             miner_id=session.miner_id,
@@ -477,6 +573,10 @@ class Coordinator:
 
     async def heartbeat(self, session: MinerSession) -> None:
         await self.db(self.store.extend_leases, session.miner_id, time.time() + self.settings.lease_secs)
+        if not session.healthy:
+            session.healthy = True
+            log.info("miner_healthy_again", miner_id=session.miner_id)
+            self.wake()
 
     def _lease_of(self, session: MinerSession, lease_id: str) -> str | None:
         entry = session.leases.get(lease_id)
@@ -640,12 +740,16 @@ class Coordinator:
 
     async def _lease_loop(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(min(1.0, self.settings.lease_secs / 4))
             try:
+                expirable = [st.QUEUED, *st.LEASED]
+                for rec in await self.db(self.store.expired, time.time(), expirable):
+                    await self._end(rec, expirable, st.EXPIRED, "deadline passed before a verified result")
                 for rec in await self.db(self.store.lapsed_leases, time.time()):
                     session = self.sessions.get(rec.miner_id)
                     if session is not None:
                         session.leases.pop(rec.lease_id, None)
+                        session.healthy = False
                         session.outbox.put_nowait(
                             cpb.ConnectResponse(
                                 cancel=cpb.CancelAssignment(lease_id=rec.lease_id, reason="lease lapsed")
@@ -700,8 +804,11 @@ class Coordinator:
                 return
             await self.wallet.release(item.job_id, item.payload.decode(errors="replace"))
         except WalletError as err:
-            await self._retry_later(item, str(err))
-            return
+            if item.kind == "release" and err.code.name == "NOT_FOUND":
+                log.info("no_hold_to_release", job_id=item.job_id)
+            else:
+                await self._retry_later(item, str(err))
+                return
         new = await self.db(self.store.outbox_done, item.job_id, "release", from_states=[], hold_state="RELEASED")
         log.info("hold_released", job_id=item.job_id)
         self._publish(new)
@@ -723,6 +830,22 @@ class Coordinator:
         delay = min(30.0, 0.5 * 2 ** min(item.attempts, 6)) * random.uniform(0.8, 1.2)
         log.warning("settlement_retry", job_id=item.job_id, kind=item.kind, error=error, retry_in=round(delay, 2))
         await self.db(self.store.outbox_retry, item.job_id, item.kind, time.time() + delay, error)
+
+
+def _job_token(rec: JobRecord) -> str:
+    return base64.urlsafe_b64encode(f"{rec.create_time}|{rec.job_id}".encode()).decode()
+
+
+def _parse_job_token(token: str) -> tuple[str, str] | None:
+    if not token:
+        return None
+    try:
+        create_time, sep, job_id = base64.urlsafe_b64decode(token.encode()).decode().partition("|")
+    except (ValueError, UnicodeDecodeError):
+        create_time, sep, job_id = "", "", ""
+    if not sep or not job_id.startswith("job_"):
+        raise InvalidArgument("page_token is not one this service issued", field="page_token")
+    return create_time, job_id
 
 
 def _utc(epoch: float) -> Any:

@@ -7,13 +7,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 import structlog
-from google.protobuf.duration_pb2 import Duration
 
 from aitbc import crypto
 from aitbc.addresses import check_address
 from aitbc.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from aitbc.server import principal
-from aitbc.timeutil import ts_from_iso
+from aitbc.timeutil import duration, ts_from_iso
 from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import coordinator_pb2_grpc
 from coordinator_svc import _store as st
@@ -36,6 +35,14 @@ _STATE = {
     st.CANCELLED: cpb.JOB_STATE_CANCELLED,
     st.EXPIRED: cpb.JOB_STATE_EXPIRED,
 }
+
+
+_STATE_NAMES = {v: k for k, v in _STATE.items() if k != st.HOLDING}
+
+
+def _hidden(states: object) -> set[str]:
+    """A job whose hold is being placed shows as QUEUED; list it so too."""
+    return {st.HOLDING} if cpb.JOB_STATE_QUEUED in states else set()  # type: ignore[operator]
 
 
 def job_pb(rec: JobRecord) -> cpb.Job:
@@ -87,6 +94,31 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         async for rec in self._core.watch(principal(), request.job_id):
             yield cpb.WatchJobResponse(job=job_pb(rec))
 
+    async def ListJobs(self, request: cpb.ListJobsRequest, context: grpc.aio.ServicerContext) -> cpb.ListJobsResponse:
+        states = sorted({_STATE_NAMES[s] for s in request.states if s in _STATE_NAMES} | _hidden(request.states))
+        unknown = [s for s in request.states if s not in _STATE_NAMES]
+        if unknown:
+            raise InvalidArgument(f"unknown job state {unknown[0]}", field="states")
+        jobs, token = await self._core.list_jobs(principal(), states, request.page_size, request.page_token)
+        return cpb.ListJobsResponse(jobs=[job_pb(j) for j in jobs], next_page_token=token)
+
+    async def CancelJob(
+        self, request: cpb.CancelJobRequest, context: grpc.aio.ServicerContext
+    ) -> cpb.CancelJobResponse:
+        return cpb.CancelJobResponse(job=job_pb(await self._core.cancel(principal(), request.job_id)))
+
+    async def GetJobResult(
+        self, request: cpb.GetJobResultRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[cpb.GetJobResultResponse]:
+        first = True
+        async for offset, data, total, digest in self._core.result_chunks(principal(), request.job_id):
+            msg = cpb.GetJobResultResponse(offset=offset, data=data)
+            if first:
+                msg.total_size_bytes = total
+                msg.output_sha256 = digest
+                first = False
+            yield msg
+
 
 class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
     def __init__(self, core: Coordinator) -> None:
@@ -105,12 +137,12 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
             raise FailedPrecondition("the stream must open with a hello", reason="HELLO_REQUIRED")
         session = await self._register(caller.miner_id, caller.address, first.hello)
         structlog.contextvars.bind_contextvars(miner_id=session.miner_id)
-        await self._core.miner_joined(session)
+        await self._core.miner_joined(session, frozenset(first.hello.in_flight_lease_ids))
         yield cpb.ConnectResponse(
             welcome=cpb.Welcome(
                 session_id=session.session_id,
                 network_id=self._core.settings.network_id,
-                heartbeat_interval=Duration(seconds=int(self._core.settings.heartbeat_secs)),
+                heartbeat_interval=duration(self._core.settings.heartbeat_secs),
             )
         )
         reader = asyncio.create_task(self._read(session, request_iterator))

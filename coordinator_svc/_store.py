@@ -39,11 +39,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     settlement     BLOB NOT NULL DEFAULT x'',
     hold_state     TEXT NOT NULL DEFAULT 'NONE',
     refused_miners TEXT NOT NULL DEFAULT '',
+    deadline       REAL NOT NULL DEFAULT 0,
     create_time    TEXT NOT NULL,
     update_time    TEXT NOT NULL,
     UNIQUE (client_name, request_id)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, create_time);
+CREATE INDEX IF NOT EXISTS jobs_by_client ON jobs(client_name, create_time, job_id);
 CREATE TABLE IF NOT EXISTS miners (
     miner_id       TEXT PRIMARY KEY,
     public_key     BLOB NOT NULL,
@@ -102,6 +104,8 @@ class JobRecord:
     # Space-separated ids of miners whose result for this job was refused:
     # the job is never dispatched to them again.
     refused_miners: str
+    # Epoch seconds after which an unverified job expires; 0: never.
+    deadline: float
     create_time: str
     update_time: str
 
@@ -120,6 +124,7 @@ class OutboxItem:
 
 class SqliteJobStore(SqliteStore):
     SCHEMA = SCHEMA
+    SCHEMA_VERSION = 2
 
     @staticmethod
     def _get(db: sqlite3.Connection, job_id: str) -> JobRecord | None:
@@ -200,6 +205,32 @@ class SqliteJobStore(SqliteStore):
             rows = self._db.execute(
                 f"{_SELECT} WHERE state IN (?, ?) AND lease_deadline < ?", (*LEASED, now)
             ).fetchall()
+        return [JobRecord(*r) for r in rows]
+
+    def expired(self, now: float, states: Iterable[str]) -> list[JobRecord]:
+        states = list(states)
+        with self._lock:
+            rows = self._db.execute(
+                f"{_SELECT} WHERE deadline > 0 AND deadline < ? AND state IN ({', '.join('?' * len(states))})",
+                [now, *states],
+            ).fetchall()
+        return [JobRecord(*r) for r in rows]
+
+    def list_for_client(
+        self, client_name: str, states: list[str], before: tuple[str, str] | None, limit: int
+    ) -> list[JobRecord]:
+        sql = f"{_SELECT} WHERE client_name = ?"
+        params: list[Any] = [client_name]
+        if states:
+            sql += f" AND state IN ({', '.join('?' * len(states))})"
+            params += states
+        if before is not None:
+            sql += " AND (create_time, job_id) < (?, ?)"
+            params += list(before)
+        sql += " ORDER BY create_time DESC, job_id DESC LIMIT ?"
+        params.append(limit)
+        with self._lock:
+            rows = self._db.execute(sql, params).fetchall()
         return [JobRecord(*r) for r in rows]
 
     def extend_leases(self, miner_id: str, deadline: float) -> int:

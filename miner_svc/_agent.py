@@ -15,13 +15,12 @@ from pathlib import Path
 
 import grpc
 import structlog
-from google.protobuf.duration_pb2 import Duration
 
 from aitbc import crypto
 from aitbc.auth import auth_metadata
 from aitbc.rpc import error_reason, insecure_channel
 from aitbc.signed import seal
-from aitbc.timeutil import ts_now
+from aitbc.timeutil import duration, ts_now
 from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import coordinator_pb2_grpc, signing_pb2
 from miner_svc._gpu import Gpu
@@ -59,7 +58,14 @@ class MinerAgent:
         self.network_id = ""
         self.earned = 0
         self.on_welcome: asyncio.Event = asyncio.Event()
+        # Work outlives a connection: a job keeps running through a
+        # reconnect, and a finished result waits (its output on disk) until
+        # a stream is up to take it.
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._finished: dict[str, cpb.ConnectRequest] = {}  # lease -> result or failure message
+        self._outputs: dict[str, Path] = {}
+        self._out: asyncio.Queue[cpb.ConnectRequest | None] | None = None
+        self._uploads: set[asyncio.Task[None]] = set()
 
     def hello(self) -> cpb.MinerHello:
         c = self.config
@@ -67,6 +73,7 @@ class MinerAgent:
             miner_id=c.miner_id,
             public_key=self.key.public_key,
             payout_address=c.payout_address,
+            in_flight_lease_ids=sorted(set(self._running) | set(self._finished)),
             capabilities=cpb.Capabilities(
                 workloads=["matmul"],
                 slots=c.slots,
@@ -119,11 +126,11 @@ class MinerAgent:
                 yield msg
 
         channel = insecure_channel(self.config.coord_url)
+        heartbeat: asyncio.Task[None] | None = None
+        stopper = asyncio.create_task(stop.wait())
         try:
             stub = coordinator_pb2_grpc.MinerGatewayServiceStub(channel)
             call = stub.Connect(requests(), metadata=auth_metadata(self.config.api_key))
-            heartbeat: asyncio.Task[None] | None = None
-            stopper = asyncio.create_task(stop.wait())
             try:
                 responses = call.__aiter__()
                 while True:
@@ -143,19 +150,20 @@ class MinerAgent:
                         interval = msg.welcome.heartbeat_interval.ToTimedelta().total_seconds() or 5.0
                         heartbeat = asyncio.create_task(self._heartbeats(out, interval))
                         log.info("connected", session_id=msg.welcome.session_id, network_id=self.network_id)
+                        self._out = out
+                        for lease_id in list(self._finished):
+                            self._deliver(lease_id)
                         self.on_welcome.set()
                     elif kind == "assignment":
                         a = msg.assignment
-                        self._running[a.lease_id] = asyncio.create_task(self._run(a, out))
+                        self._running[a.lease_id] = asyncio.create_task(self._run(a))
                     elif kind == "cancel":
-                        task = self._running.pop(msg.cancel.lease_id, None)
-                        if task:
-                            task.cancel()
-                        log.info("assignment_cancelled", lease_id=msg.cancel.lease_id, reason=msg.cancel.reason)
+                        self._drop(msg.cancel.lease_id, msg.cancel.reason)
                     elif kind == "ack":
                         ack = msg.ack
                         if ack.verdict == cpb.VERDICT_ACCEPTED:
                             self.earned += ack.miner_amount
+                        self._forget(ack.lease_id)
                         log.info(
                             "result_acknowledged",
                             lease_id=ack.lease_id,
@@ -164,17 +172,55 @@ class MinerAgent:
                             miner_amount=ack.miner_amount,
                         )
             finally:
-                stopper.cancel()
-                if heartbeat:
-                    heartbeat.cancel()
-                for task in self._running.values():
-                    task.cancel()
-                self._running.clear()
+                self._out = None
                 out.put_nowait(None)
                 call.cancel()
         finally:
+            stopper.cancel()
+            if heartbeat:
+                heartbeat.cancel()
             self.on_welcome.clear()
             await channel.close()
+
+    def _drop(self, lease_id: str, reason: str) -> None:
+        task = self._running.pop(lease_id, None)
+        if task:
+            task.cancel()
+        self._forget(lease_id)
+        log.info("assignment_cancelled", lease_id=lease_id, reason=reason)
+
+    def _forget(self, lease_id: str) -> None:
+        self._finished.pop(lease_id, None)
+        path = self._outputs.pop(lease_id, None)
+        if path is not None:
+            shutil.rmtree(path.parent, ignore_errors=True)
+
+    def _deliver(self, lease_id: str) -> None:
+        """Send a finished job's output and result on the current stream, if
+        there is one; otherwise it waits for the next."""
+        out, msg = self._out, self._finished.get(lease_id)
+        if out is None or msg is None:
+            return
+        path = self._outputs.get(lease_id)
+        if msg.WhichOneof("msg") == "result" and path is not None:
+            task = asyncio.create_task(self._upload_then(path, lease_id, msg, out))
+            self._uploads.add(task)
+            task.add_done_callback(self._uploads.discard)
+        else:
+            out.put_nowait(msg)
+            self._forget(lease_id)  # failures are not acknowledged
+
+    async def _upload_then(
+        self, path: Path, lease_id: str, msg: cpb.ConnectRequest, out: asyncio.Queue[cpb.ConnectRequest | None]
+    ) -> None:
+        await self._upload(path, lease_id, out)
+        out.put_nowait(msg)
+
+    async def drain(self, grace: float) -> None:
+        """Let running jobs finish (up to grace seconds) and deliver them."""
+        if self._running:
+            log.info("draining", running=len(self._running), grace_seconds=grace)
+            await asyncio.wait(list(self._running.values()), timeout=grace)
 
     async def _heartbeats(self, out: asyncio.Queue[cpb.ConnectRequest | None], interval: float) -> None:
         while True:
@@ -182,11 +228,12 @@ class MinerAgent:
             free = max(0, self.config.slots - len(self._running))
             out.put_nowait(cpb.ConnectRequest(heartbeat=cpb.MinerHeartbeat(free_slots=free)))
 
-    async def _run(self, a: cpb.Assignment, out: asyncio.Queue[cpb.ConnectRequest | None]) -> None:
+    async def _run(self, a: cpb.Assignment) -> None:
         structlog.contextvars.bind_contextvars(job_id=a.job_id, lease_id=a.lease_id)
         job_dir = self.config.work_dir / "jobs" / a.lease_id
         try:
-            out.put_nowait(cpb.ConnectRequest(accepted=cpb.AssignmentAccepted(lease_id=a.lease_id)))
+            if self._out is not None:
+                self._out.put_nowait(cpb.ConnectRequest(accepted=cpb.AssignmentAccepted(lease_id=a.lease_id)))
             log.info("job_started", device=self.config.device)
             start = ts_now()
             fut = self.pool.submit(a.job_spec, self.config.device, job_dir / "output.bin")
@@ -202,7 +249,7 @@ class MinerAgent:
                 output_size_bytes=outcome.output_size,
                 usage=signing_pb2.Usage(
                     device=outcome.device,
-                    run_duration=_duration(outcome.run_seconds),
+                    run_duration=duration(outcome.run_seconds),
                     flops=outcome.flops,
                     tflops=outcome.tflops,
                     energy_joules=outcome.energy_joules,
@@ -212,17 +259,21 @@ class MinerAgent:
                 nonce=secrets.token_bytes(16),
             )
             receipt = seal(body, crypto.RECEIPT_DOMAIN, self.key)
-            await self._upload(Path(outcome.output_path), a.lease_id, out)
-            out.put_nowait(cpb.ConnectRequest(result=cpb.JobResult(lease_id=a.lease_id, receipt=receipt)))
+            self._outputs[a.lease_id] = Path(outcome.output_path)
+            self._finished[a.lease_id] = cpb.ConnectRequest(result=cpb.JobResult(lease_id=a.lease_id, receipt=receipt))
             log.info("job_finished", tflops=round(outcome.tflops, 4), seconds=round(outcome.run_seconds, 4))
         except asyncio.CancelledError:
+            shutil.rmtree(job_dir, ignore_errors=True)
             raise
         except Exception as exc:
             log.warning("job_failed", error=repr(exc))
-            out.put_nowait(cpb.ConnectRequest(failure=cpb.JobFailure(lease_id=a.lease_id, reason=repr(exc)[:500])))
+            shutil.rmtree(job_dir, ignore_errors=True)
+            self._finished[a.lease_id] = cpb.ConnectRequest(
+                failure=cpb.JobFailure(lease_id=a.lease_id, reason=repr(exc)[:500])
+            )
         finally:
             self._running.pop(a.lease_id, None)
-            shutil.rmtree(job_dir, ignore_errors=True)
+        self._deliver(a.lease_id)
 
     async def _upload(self, path: Path, lease_id: str, out: asyncio.Queue[cpb.ConnectRequest | None]) -> None:
         offset = 0
@@ -236,12 +287,6 @@ class MinerAgent:
                 # Let the stream drain so a large result does not pile up in memory.
                 while out.qsize() > 4:  # noqa: ASYNC110 - the queue is shared and unbounded by design
                     await asyncio.sleep(0.005)
-
-
-def _duration(seconds: float) -> Duration:
-    d = Duration()
-    d.FromNanoseconds(int(seconds * 1e9))
-    return d
 
 
 def ensure_dir(path: Path) -> Path:
