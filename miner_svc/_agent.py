@@ -66,6 +66,7 @@ class MinerAgent:
         self._outputs: dict[str, Path] = {}
         self._out: asyncio.Queue[cpb.ConnectRequest | None] | None = None
         self._uploads: set[asyncio.Task[None]] = set()
+        self._welcomed = False
 
     def hello(self) -> cpb.MinerHello:
         c = self.config
@@ -95,9 +96,9 @@ class MinerAgent:
     async def run_forever(self, stop: asyncio.Event) -> None:
         backoff = 0.5
         while not stop.is_set():
+            self._welcomed = False
             try:
                 await self._session(stop)
-                backoff = 0.5
             except FatalMinerError:
                 raise
             except grpc.aio.AioRpcError as err:
@@ -108,6 +109,10 @@ class MinerAgent:
                 log.warning("coordinator_unreachable", code=err.code().name, details=err.details())
             if stop.is_set():
                 break
+            if self._welcomed:
+                # The link worked until just now: come back fast; back off
+                # only while the coordinator stays unreachable.
+                backoff = 0.5
             delay = backoff * random.uniform(0.5, 1.5)
             log.info("reconnecting", in_seconds=round(delay, 2))
             with contextlib.suppress(TimeoutError):
@@ -151,6 +156,7 @@ class MinerAgent:
                         heartbeat = asyncio.create_task(self._heartbeats(out, interval))
                         log.info("connected", session_id=msg.welcome.session_id, network_id=self.network_id)
                         self._out = out
+                        self._welcomed = True
                         for lease_id in list(self._finished):
                             self._deliver(lease_id)
                         self.on_welcome.set()
