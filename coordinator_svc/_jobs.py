@@ -80,6 +80,12 @@ class MinerSession:
     # False from a lapsed lease until the next heartbeat: a miner that went
     # quiet (paused, wedged) gets no new work while it is quiet.
     healthy: bool = True
+    # The sidecar is shutting down: it finishes its jobs but takes no more.
+    draining: bool = False
+
+    @property
+    def accepts_work(self) -> bool:
+        return self.healthy and not self.draining
 
     @property
     def free_slots(self) -> int:
@@ -427,7 +433,8 @@ class Coordinator:
             spec = cpb.JobSpec.FromString(rec.spec)
             req = spec.requirements
             refused = set(rec.refused_miners.split())
-            capable = [s for s in sessions if s.healthy and s.can_run(rec.workload, req) and s.miner_id not in refused]
+            eligible = [s for s in sessions if s.accepts_work and s.miner_id not in refused]
+            capable = [s for s in eligible if s.can_run(rec.workload, req)]
             free = [s for s in capable if s.free_slots > 0]
             if not free:
                 detail = (
@@ -571,7 +578,10 @@ class Coordinator:
         log.info("miner_left", miner_id=session.miner_id, reason=reason)
         self.wake()
 
-    async def heartbeat(self, session: MinerSession) -> None:
+    async def heartbeat(self, session: MinerSession, draining: bool = False) -> None:
+        if draining and not session.draining:
+            session.draining = True
+            log.info("miner_draining", miner_id=session.miner_id)
         await self.db(self.store.extend_leases, session.miner_id, time.time() + self.settings.lease_secs)
         if not session.healthy:
             session.healthy = True

@@ -21,7 +21,7 @@ from aitbc.logs import setup_logging
 from aitbc.server import write_ready_file
 from miner_svc._agent import FatalMinerError, MinerAgent, MinerConfig, ensure_dir
 from miner_svc._gpu import inventory
-from miner_svc._worker import WorkerPool
+from miner_svc._worker import Slot, SlotPool
 
 log = structlog.get_logger()
 
@@ -35,6 +35,8 @@ OPTIONS = [
     cfg.Option("MAX_CONCURRENCY", int, 1, "job slots (one per GPU at most in GPU mode)", bare_env=True),
     cfg.Option("ACCEL_MODE", str, "auto", "auto, gpu or cpu", bare_env=True),
     cfg.Option("KEY_FILE", Path, None, "Ed25519 receipt key (default WORK_DIR/miner.key)", bare_env=True),
+    cfg.Option("MAX_RUNTIME_SECS", float, 3600.0, "a job running longer is killed and reported failed", bare_env=True),
+    cfg.Option("DRAIN_SECS", float, 60.0, "on SIGTERM, how long running jobs may finish", bare_env=True),
     cfg.Option("READY_FILE", str, "", "touched once connected (for supervisors and tests)"),
     cfg.Option("LOG_LEVEL", str, "info", "debug, info, warning or error"),
 ]
@@ -75,6 +77,7 @@ def main(argv: list[str]) -> int:
         slots=slots,
         device=device,
         gpus=tuple(gpus),
+        max_runtime=conf["MAX_RUNTIME_SECS"],
     )
     log.info(
         "miner_starting",
@@ -85,23 +88,35 @@ def main(argv: list[str]) -> int:
         payout_address=payout,
         public_key=key.public_key.hex(),
     )
-    return asyncio.run(serve(config, key, conf["READY_FILE"]))
+    return asyncio.run(serve(config, key, conf["READY_FILE"], conf["DRAIN_SECS"]))
 
 
-async def serve(config: MinerConfig, key: KeyPair, ready_file: str) -> int:
-    pool = WorkerPool(config.slots)
+async def serve(config: MinerConfig, key: KeyPair, ready_file: str, drain_secs: float) -> int:
+    if config.device == "cuda":
+        # One slot per GPU, each worker seeing only its own.
+        slots = [Slot(i, {"CUDA_VISIBLE_DEVICES": config.gpus[i].uuid}) for i in range(config.slots)]
+    else:
+        slots = [Slot(i, {"CUDA_VISIBLE_DEVICES": ""}) for i in range(config.slots)]
+    pool = SlotPool(slots)
     pool.warm()
     agent = MinerAgent(config, key, pool)
     stop = asyncio.Event()
+    terminate = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, terminate.set)
 
     async def announce_ready() -> None:
         await agent.on_welcome.wait()
         write_ready_file(ready_file, 0)
 
+    async def drain_on_signal() -> None:
+        await terminate.wait()
+        await agent.drain(drain_secs)
+        stop.set()
+
     ready = asyncio.create_task(announce_ready())
+    drainer = asyncio.create_task(drain_on_signal())
     try:
         await agent.run_forever(stop)
     except FatalMinerError as exc:
@@ -109,6 +124,7 @@ async def serve(config: MinerConfig, key: KeyPair, ready_file: str) -> int:
         return 2
     finally:
         ready.cancel()
+        drainer.cancel()
         pool.shutdown()
     log.info("miner_stopped", earned_uait=agent.earned)
     return 0

@@ -24,7 +24,8 @@ from aitbc.timeutil import duration, ts_now
 from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import coordinator_pb2_grpc, signing_pb2
 from miner_svc._gpu import Gpu
-from miner_svc._worker import WorkerPool
+from miner_svc._run_matmul import RunOutcome
+from miner_svc._worker import JobFailed, SlotPool
 
 log = structlog.get_logger()
 
@@ -44,6 +45,7 @@ class MinerConfig:
     slots: int
     device: str  # "cuda" or "cpu"
     gpus: tuple[Gpu, ...]
+    max_runtime: float = 3600.0
 
 
 class FatalMinerError(Exception):
@@ -51,7 +53,7 @@ class FatalMinerError(Exception):
 
 
 class MinerAgent:
-    def __init__(self, config: MinerConfig, key: crypto.KeyPair, pool: WorkerPool) -> None:
+    def __init__(self, config: MinerConfig, key: crypto.KeyPair, pool: SlotPool) -> None:
         self.config = config
         self.key = key
         self.pool = pool
@@ -67,6 +69,7 @@ class MinerAgent:
         self._out: asyncio.Queue[cpb.ConnectRequest | None] | None = None
         self._uploads: set[asyncio.Task[None]] = set()
         self._welcomed = False
+        self.draining = False
 
     def hello(self) -> cpb.MinerHello:
         c = self.config
@@ -162,6 +165,12 @@ class MinerAgent:
                         self.on_welcome.set()
                     elif kind == "assignment":
                         a = msg.assignment
+                        if self.draining:
+                            # Sent before the coordinator heard we drain: hand it back.
+                            out.put_nowait(cpb.ConnectRequest(
+                                failure=cpb.JobFailure(lease_id=a.lease_id, reason="miner is shutting down")
+                            ))  # fmt: skip
+                            continue
                         self._running[a.lease_id] = asyncio.create_task(self._run(a))
                     elif kind == "cancel":
                         self._drop(msg.cancel.lease_id, msg.cancel.reason)
@@ -223,16 +232,28 @@ class MinerAgent:
         out.put_nowait(msg)
 
     async def drain(self, grace: float) -> None:
-        """Let running jobs finish (up to grace seconds) and deliver them."""
+        """SIGTERM: take no new work, let running jobs finish and their
+        results be acknowledged, for up to grace seconds. What is still
+        running then is handed back when the stream closes."""
+        self.draining = True
+        if self._out is not None:
+            self._out.put_nowait(self._heartbeat())
+        log.info("draining", running=len(self._running), grace_seconds=grace)
+        deadline = asyncio.get_running_loop().time() + grace
         if self._running:
-            log.info("draining", running=len(self._running), grace_seconds=grace)
             await asyncio.wait(list(self._running.values()), timeout=grace)
+        while self._finished and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110 - acks arrive on the stream
+            await asyncio.sleep(0.05)
+        log.info("drained", handed_back=len(self._running), undelivered=len(self._finished))
+
+    def _heartbeat(self) -> cpb.ConnectRequest:
+        free = 0 if self.draining else max(0, self.config.slots - len(self._running))
+        return cpb.ConnectRequest(heartbeat=cpb.MinerHeartbeat(free_slots=free, draining=self.draining))
 
     async def _heartbeats(self, out: asyncio.Queue[cpb.ConnectRequest | None], interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            free = max(0, self.config.slots - len(self._running))
-            out.put_nowait(cpb.ConnectRequest(heartbeat=cpb.MinerHeartbeat(free_slots=free)))
+            out.put_nowait(self._heartbeat())
 
     async def _run(self, a: cpb.Assignment) -> None:
         structlog.contextvars.bind_contextvars(job_id=a.job_id, lease_id=a.lease_id)
@@ -242,8 +263,9 @@ class MinerAgent:
                 self._out.put_nowait(cpb.ConnectRequest(accepted=cpb.AssignmentAccepted(lease_id=a.lease_id)))
             log.info("job_started", device=self.config.device)
             start = ts_now()
-            fut = self.pool.submit(a.job_spec, self.config.device, job_dir / "output.bin")
-            outcome = await asyncio.wrap_future(fut)
+            outcome: RunOutcome = await self.pool.run(
+                a.job_spec, self.config.device, str(job_dir / "output.bin"), max_runtime=self.config.max_runtime
+            )
             finish = ts_now()
             body = signing_pb2.ReceiptBody(
                 network_id=self.network_id,
@@ -272,10 +294,11 @@ class MinerAgent:
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
         except Exception as exc:
-            log.warning("job_failed", error=repr(exc))
+            reason = str(exc) if isinstance(exc, JobFailed) else repr(exc)
+            log.warning("job_failed", error=reason)
             shutil.rmtree(job_dir, ignore_errors=True)
             self._finished[a.lease_id] = cpb.ConnectRequest(
-                failure=cpb.JobFailure(lease_id=a.lease_id, reason=repr(exc)[:500])
+                failure=cpb.JobFailure(lease_id=a.lease_id, reason=reason[:500])
             )
         finally:
             self._running.pop(a.lease_id, None)

@@ -1,14 +1,31 @@
-"""Workloads run in worker processes, so a crash or a hung kernel takes down
-a worker, not the sidecar. Workers are spawned (not forked: CUDA does not
-survive a fork) and kept, so torch is imported once."""
+"""Workloads run in worker processes, one per slot (one slot per GPU, pinned
+with CUDA_VISIBLE_DEVICES), so a job that raises, crashes its process, runs
+past its time or is cancelled costs one worker, never the sidecar. A killed
+worker is replaced before the slot takes its next job. Workers are spawned
+(CUDA does not survive a fork) and kept between jobs, so torch and any loaded
+model stay warm."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import multiprocessing
-from concurrent.futures import Future, ProcessPoolExecutor
+import os
+import signal
+from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
+
+import structlog
 
 from miner_svc._run_matmul import RunOutcome
+
+log = structlog.get_logger()
+
+
+class JobFailed(Exception):
+    """The job did not produce a result; the message says why, for the client."""
 
 
 def run_job(spec_bytes: bytes, device: str, out_path: str) -> RunOutcome:
@@ -29,36 +46,129 @@ def run_job(spec_bytes: bytes, device: str, out_path: str) -> RunOutcome:
     raise RuntimeError(f"this miner cannot run {workload.name}")
 
 
-def _warm() -> str:
-    import torch
-
-    return str(torch.__version__)
-
-
-class WorkerPool:
-    def __init__(self, slots: int) -> None:
-        self._slots = slots
-        self._pool = self._new()
-
-    def _new(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=self._slots, mp_context=multiprocessing.get_context("spawn"))
-
-    def warm(self) -> Future[str]:
-        return self._pool.submit(_warm)
-
-    def submit(self, spec_bytes: bytes, device: str, out_path: Path) -> Future[RunOutcome]:
+def _worker_main(conn: Connection, env: dict[str, str], target: Callable[..., Any]) -> None:
+    os.environ.update(env)
+    # The sidecar handles Ctrl-C and SIGTERM; a worker just works until told.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with contextlib.suppress(ImportError):
+        import torch  # noqa: F401  warm: the first job should not pay for the import
+    while True:
         try:
-            return self._pool.submit(run_job, spec_bytes, device, str(out_path))
-        except RuntimeError:
-            # A worker died and broke the pool: replace it and go on.
-            self._pool = self._new()
-            return self._pool.submit(run_job, spec_bytes, device, str(out_path))
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg is None:
+            return
+        try:
+            conn.send(("ok", target(*msg)))
+        except BaseException as exc:  # report everything; the worker lives on
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+class Slot:
+    def __init__(self, index: int, env: dict[str, str], target: Callable[..., Any] = run_job) -> None:
+        self.index = index
+        self._env = env
+        self._target = target
+        self._proc: Any = None
+        self._conn: Connection | None = None
+
+    def start(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            return
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self._proc = ctx.Process(
+            target=_worker_main, args=(child, self._env, self._target), name=f"aitbc-slot-{self.index}", daemon=True
+        )
+        self._proc.start()
+        child.close()
+        self._conn = parent
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    async def run(self, *args: Any, max_runtime: float) -> Any:
+        """Run target(*args) in the worker. Raises JobFailed with the reason
+        on an exception, a crash or a timeout; on cancellation the worker is
+        killed at once."""
+        self.start()
+        assert self._conn is not None
+        conn = self._conn
+        conn.send(args)
+        loop = asyncio.get_running_loop()
+        try:
+            ready = await loop.run_in_executor(None, conn.poll, max_runtime)
+        except asyncio.CancelledError:
+            self.kill("cancelled")
+            raise
+        if not ready:
+            self.kill("timeout")
+            raise JobFailed(f"exceeded its max runtime of {max_runtime:g} s and was killed")
+        try:
+            status, value = conn.recv()
+        except (EOFError, OSError):
+            code = self._reap()
+            raise JobFailed(f"the worker process died (exit code {code})") from None
+        if status == "error":
+            raise JobFailed(str(value))
+        return value
+
+    def kill(self, why: str) -> None:
+        if self._proc is None:
+            return
+        log.info("worker_killed", slot=self.index, pid=self._proc.pid, reason=why)
+        self._proc.kill()
+        self._reap()
+
+    def _reap(self) -> int | None:
+        proc, self._proc = self._proc, None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if proc is None:
+            return None
+        proc.join(timeout=5)
+        return int(proc.exitcode) if proc.exitcode is not None else None
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        try:
+            assert self._conn is not None
+            self._conn.send(None)
+            self._proc.join(timeout=2)
+        except (OSError, AssertionError):
+            pass
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.kill()
+        self._reap()
+
+
+class SlotPool:
+    """The host's slots; a job takes a free one for its run."""
+
+    def __init__(self, slots: list[Slot]) -> None:
+        self.slots = slots
+        self._free: asyncio.Queue[Slot] | None = None
+
+    def warm(self) -> None:
+        for slot in self.slots:
+            slot.start()
+
+    async def run(self, *args: Any, max_runtime: float) -> Any:
+        if self._free is None:
+            self._free = asyncio.Queue()
+            for slot in self.slots:
+                self._free.put_nowait(slot)
+        slot = await self._free.get()
+        try:
+            return await slot.run(*args, max_runtime=max_runtime)
+        finally:
+            self._free.put_nowait(slot)
 
     def shutdown(self) -> None:
-        # Workers may be deep in a kernel; they hold nothing worth waiting for.
-        processes = list((getattr(self._pool, "_processes", None) or {}).values())
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        for proc in processes:
-            proc.terminate()
-        for proc in processes:
-            proc.join(timeout=5)
+        for slot in self.slots:
+            slot.stop()

@@ -111,6 +111,11 @@ async def test_cancel_stops_the_job_and_refunds_the_hold(net: tuple[Network, Cli
         assert await clients.balance(client) == before
 
     await eventually(refunded)
+
+    async def worker_killed() -> None:
+        assert '"reason": "cancelled"' in network.log("miner").read_text()
+
+    await eventually(worker_killed)  # the job stopped, not just its result discarded
     # The miner is free for new work, and a settled job cannot be cancelled.
     small = await clients.submit(matmul_spec(n=16))
     done = (await clients.watch(small.job_id))[-1]
@@ -222,3 +227,28 @@ async def test_results_larger_than_a_message_stream_back_intact(net: tuple[Netwo
     assert chunks[0].total_size_bytes == len(data) == 1536 * 1536 * 4
     assert hashlib.sha256(data).digest() == chunks[0].output_sha256 == final.output_sha256
     assert freivalds(MatmulParams(n=1536, dtype="fp32", seed=11), data).ok
+
+
+async def test_sigterm_drains_the_running_job_takes_no_more_and_exits_0(net: tuple[Network, Clients]) -> None:
+    network, clients = net
+    network.start_miner("miner")
+    spec = cpb.JobSpec(
+        matmul=workloads_pb2.MatmulParams(n=2048, dtype=workloads_pb2.DTYPE_FP32, seed=5, repeats=25),
+        max_price=10_000_000,
+    )
+    running = await clients.submit(spec)
+    await running_on(clients, running.job_id, "miner-1")
+    proc = network.procs["miner"]
+    proc.send_signal(signal.SIGTERM)
+
+    async def draining() -> None:
+        assert "miner_draining" in network.log("coordinator").read_text()
+
+    await eventually(draining)
+    waiting = await clients.submit(matmul_spec(n=8))
+    assert await asyncio.to_thread(proc.wait, 60) == 0
+    final = (await clients.watch(running.job_id))[-1]
+    assert final.state == cpb.JOB_STATE_SETTLED and final.miner_id == "miner-1"
+    assert await clients.balance(network.ids["miner"].address) == (final.miner_amount, 0)
+    later = await get(clients, waiting.job_id)
+    assert later.state == cpb.JOB_STATE_QUEUED and later.attempts == 0  # never went to the draining miner

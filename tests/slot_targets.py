@@ -1,0 +1,28 @@
+"""Workloads that misbehave, run inside real worker processes by
+tests/test_worker_slots.py (they must be importable from a spawned child)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def echo(value: str) -> str:
+    return f"echo {value} from {os.getpid()}"
+
+
+def raise_error(message: str) -> str:
+    raise ValueError(message)
+
+
+def die(code: int) -> str:
+    os._exit(code)
+
+
+def sleep(seconds: float) -> str:
+    time.sleep(seconds)
+    return "slept"
+
+
+def env(name: str) -> str:
+    return os.environ.get(name, "<unset>")

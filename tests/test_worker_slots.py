@@ -1,0 +1,87 @@
+"""A workload that raises, kills its own process, overruns its time or is
+cancelled costs one worker process, never the sidecar; the slot serves the
+next job."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from miner_svc._worker import JobFailed, Slot
+from tests import slot_targets as t
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def slot() -> Iterator[Slot]:
+    s = Slot(0, {"CUDA_VISIBLE_DEVICES": "GPU-test-uuid"}, target=t.echo)
+    yield s
+    s.stop()
+
+
+async def test_failures_are_reported_with_their_reason_and_the_slot_lives_on() -> None:
+    cases: list[tuple[Callable[..., str], tuple[Any, ...], str]] = [
+        (t.raise_error, ("bad input",), "ValueError: bad input"),
+        (t.die, (7,), "the worker process died (exit code 7)"),
+    ]
+    for target, args, reason in cases:
+        slot = Slot(0, {}, target=target)
+        try:
+            with pytest.raises(JobFailed) as err:
+                await slot.run(*args, max_runtime=60)
+            assert str(err.value) == reason
+        finally:
+            slot.stop()
+    slot = Slot(0, {}, target=t.sleep)
+    try:
+        with pytest.raises(JobFailed, match=r"exceeded its max runtime of 0\.5 s"):
+            await slot.run(30, max_runtime=0.5)
+        # A fresh worker takes the next job.
+        assert await slot.run(0, max_runtime=60) == "slept"
+    finally:
+        slot.stop()
+
+
+async def test_a_crashed_worker_is_replaced_for_the_next_job(slot: Slot) -> None:
+    first = await slot.run("a", max_runtime=60)
+    pid = slot.pid
+    assert first.endswith(str(pid))
+    slot._target = t.die  # the same slot, now with a job that kills its process
+    slot.kill("test")  # targets bind at start: restart with the new one
+    with pytest.raises(JobFailed, match="died"):
+        await slot.run(3, max_runtime=60)
+    slot._target = t.echo
+    again = await slot.run("b", max_runtime=60)
+    assert slot.pid != pid and again.endswith(str(slot.pid))
+
+
+async def test_cancel_kills_the_worker_at_once() -> None:
+    slot = Slot(0, {}, target=t.sleep)
+    try:
+        slot.start()
+        task = asyncio.create_task(slot.run(60, max_runtime=120))
+        await asyncio.sleep(1.0)
+        pid = slot.pid
+        assert pid is not None
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # By the time the cancel returns, the worker is gone: the job does
+        # not run on in the background.
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    finally:
+        slot.stop()
+
+
+async def test_each_slot_sees_only_its_gpu() -> None:
+    slot = Slot(0, {"CUDA_VISIBLE_DEVICES": "GPU-test-uuid"}, target=t.env)
+    try:
+        assert await slot.run("CUDA_VISIBLE_DEVICES", max_runtime=60) == "GPU-test-uuid"
+    finally:
+        slot.stop()
