@@ -12,6 +12,7 @@ from aitbc.auth import TokenTable
 from aitbc.crypto import load_or_create_key
 from aitbc.logs import setup_logging
 from aitbc.server import wait_for_shutdown_signal, write_ready_file
+from aitbc.sqlite import SchemaMismatch
 from coordinator_svc._jobs import Coordinator, Settings
 from coordinator_svc._store import SqliteJobStore
 from coordinator_svc._wallet import WalletClient
@@ -38,7 +39,10 @@ async def serve(conf: dict) -> int:
         matmul_base_price=conf["MATMUL_BASE_PRICE"],
         matmul_uait_per_gflop=conf["MATMUL_UAIT_PER_GFLOP"],
     )
-    store = SqliteJobStore(conf["DB_PATH"])
+    try:
+        store = SqliteJobStore(conf["DB_PATH"])
+    except SchemaMismatch as exc:
+        raise SystemExit(str(exc)) from None
     wallet = WalletClient(conf["WALLET_TARGET"], conf["WALLET_TOKEN"])
     core = Coordinator(
         store=store,

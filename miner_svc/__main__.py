@@ -1,4 +1,5 @@
-"""python -m miner_svc [flags]: the miner sidecar.
+"""python -m miner_svc [run] [flags]: the miner sidecar.
+python -m miner_svc doctor [flags]: check this host and say what to fix.
 
 Reads the seed guide's env-style config (--config or AITBC_CONFIG, e.g.
 /etc/aitbc/miner.conf); the environment and flags override it."""
@@ -43,8 +44,15 @@ OPTIONS = [
 
 
 def main(argv: list[str]) -> int:
-    conf = cfg.load(OPTIONS, prog="miner_svc", argv=argv, env_prefix="AITBC_MINER_")
-    setup_logging("miner", conf["LOG_LEVEL"])
+    command = "run"
+    if argv and argv[0] in ("run", "doctor"):
+        command, argv = argv[0], argv[1:]
+    conf = cfg.load(OPTIONS, prog=f"miner_svc {command}", argv=argv, env_prefix="AITBC_MINER_")
+    setup_logging("miner", conf["LOG_LEVEL"] if command == "run" else "warning")
+    if command == "doctor":
+        from miner_svc._doctor import doctor
+
+        return doctor(conf)
     mode = conf["ACCEL_MODE"].lower()
     if mode not in ("auto", "gpu", "cpu"):
         raise SystemExit(f"ACCEL_MODE must be auto, gpu or cpu, not {mode!r}")

@@ -15,6 +15,7 @@ from aitbc.auth import TokenTable
 from aitbc.crypto import check_public_key
 from aitbc.logs import setup_logging
 from aitbc.server import wait_for_shutdown_signal, write_ready_file
+from aitbc.sqlite import SchemaMismatch
 from wallet_svc._ledger import Ledger
 from wallet_svc._stores import LedgerStore, open_store
 from wallet_svc.server import OPTIONS, WalletDeps, build_server
@@ -32,7 +33,10 @@ def main(argv: list[str]) -> int:
         raise SystemExit("TREASURY_ADDRESS is required (--treasury-address)")
     check_address(conf["TREASURY_ADDRESS"])
     ledger = Ledger(conf["TREASURY_ADDRESS"])
-    store = open_store(conf["DB"])
+    try:
+        store = open_store(conf["DB"])
+    except SchemaMismatch as exc:
+        raise SystemExit(str(exc)) from None
     if command == "check":
         problems = store.call(ledger.check, snapshot=True)
         minted = store.call(ledger.minted)

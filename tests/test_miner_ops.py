@@ -1,0 +1,83 @@
+"""What a GPU owner installs and runs: config, service unit, doctor."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from aitbc.config import parse_env_file
+from aitbc.localnet import ROOT, Network
+from miner_svc.__main__ import OPTIONS
+
+DEPLOY = ROOT / "deploy"
+
+
+def test_example_config_uses_only_declared_options() -> None:
+    values = parse_env_file(DEPLOY / "miner.conf.example")
+    declared = {o.key for o in OPTIONS}
+    assert set(values) <= declared, set(values) - declared
+    # The seed's keys are all there, and $(hostname) works as in the seed.
+    seed_keys = {"COORD_URL", "WALLET_ADDR", "API_KEY", "MINER_ID", "WORK_DIR", "HEARTBEAT_SECS",
+                 "MAX_CONCURRENCY", "ACCEL_MODE"}  # fmt: skip
+    assert seed_keys <= set(values)
+    assert values["MINER_ID"] == f"{socket.gethostname()}-gpu0"
+
+
+def test_service_unit_is_hardened_and_drains() -> None:
+    unit = (DEPLOY / "aitbc-miner.service").read_text()
+    for directive in (
+        "User=aitbc",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "Restart=always",
+        "KillSignal=SIGTERM",
+        "ReadWritePaths=/var/lib/aitbc",
+    ):
+        assert directive in unit.splitlines(), directive
+    assert "miner_svc run --config /etc/aitbc/miner.conf" in unit
+    assert subprocess.run(["bash", "-n", str(DEPLOY / "install_miner.sh")]).returncode == 0
+
+
+def doctor(*flags: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "miner_svc", "doctor", *flags],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_doctor_passes_on_a_cpu_host_with_a_live_coordinator(network: Network, tmp_path: Path) -> None:
+    network.start_wallet()
+    network.start_coordinator()
+    out = doctor("--coord-url", network.coord_target, "--work-dir", str(tmp_path / "w"),
+                 env={"AITBC_MINER_API_KEY": "anything"})  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "WARN no GPU through NVML: jobs will run on the CPU" in out.stdout
+    assert f"OK   coordinator {network.coord_target} serves miners" in out.stdout
+    assert out.stdout.strip().endswith("all checks passed")
+
+
+def test_doctor_says_what_to_fix(tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    work.mkdir()
+    key = work / "miner.key"
+    key.write_text("00" * 32 + "\n")
+    key.chmod(0o644)
+    out = doctor("--coord-url", "127.0.0.1:1", "--work-dir", str(work), "--wallet-addr", "ait_typo",
+                 "--accel-mode", "gpu", env={"AITBC_MINER_API_KEY": ""})  # fmt: skip
+    assert out.returncode == 1
+    for expected in (
+        "FAIL API_KEY is empty",
+        "FAIL WALLET_ADDR: address checksum does not match: check for a typo",
+        f"fix: chmod 600 {key}",
+        "FAIL ACCEL_MODE=gpu but NVML sees no GPU",
+        "FAIL coordinator 127.0.0.1:1 does not answer",
+    ):
+        assert expected in out.stdout, (expected, out.stdout)
