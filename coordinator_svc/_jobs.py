@@ -82,6 +82,8 @@ class MinerSession:
     healthy: bool = True
     # The sidecar is shutting down: it finishes its jobs but takes no more.
     draining: bool = False
+    # The latest GPU telemetry from its heartbeats.
+    telemetry: list[Any] = field(default_factory=list)
 
     @property
     def accepts_work(self) -> bool:
@@ -578,7 +580,8 @@ class Coordinator:
         log.info("miner_left", miner_id=session.miner_id, reason=reason)
         self.wake()
 
-    async def heartbeat(self, session: MinerSession, draining: bool = False) -> None:
+    async def heartbeat(self, session: MinerSession, draining: bool = False, telemetry: Any = ()) -> None:
+        session.telemetry = list(telemetry)
         if draining and not session.draining:
             session.draining = True
             log.info("miner_draining", miner_id=session.miner_id)

@@ -199,7 +199,7 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
             async for req in requests:
                 kind = req.WhichOneof("msg")
                 if kind == "heartbeat":
-                    await core.heartbeat(session, req.heartbeat.draining)
+                    await core.heartbeat(session, req.heartbeat.draining, req.heartbeat.telemetry)
                 elif kind == "accepted":
                     await core.accepted(session, req.accepted.lease_id)
                 elif kind == "chunk":

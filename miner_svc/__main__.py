@@ -134,6 +134,7 @@ async def serve(config: MinerConfig, key: KeyPair, ready_file: str, drain_secs: 
         ready.cancel()
         drainer.cancel()
         pool.shutdown()
+        agent.nvml.close()
     log.info("miner_stopped", earned_uait=agent.earned)
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import secrets
@@ -23,7 +24,7 @@ from aitbc.signed import seal
 from aitbc.timeutil import duration, ts_now
 from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import coordinator_pb2_grpc, signing_pb2
-from miner_svc._gpu import Gpu
+from miner_svc._gpu import Gpu, Nvml
 from miner_svc._run_matmul import RunOutcome
 from miner_svc._worker import JobFailed, SlotPool
 
@@ -53,8 +54,9 @@ class FatalMinerError(Exception):
 
 
 class MinerAgent:
-    def __init__(self, config: MinerConfig, key: crypto.KeyPair, pool: SlotPool) -> None:
+    def __init__(self, config: MinerConfig, key: crypto.KeyPair, pool: SlotPool, nvml: Nvml | None = None) -> None:
         self.config = config
+        self.nvml = nvml or Nvml()
         self.key = key
         self.pool = pool
         self.network_id = ""
@@ -248,7 +250,16 @@ class MinerAgent:
 
     def _heartbeat(self) -> cpb.ConnectRequest:
         free = 0 if self.draining else max(0, self.config.slots - len(self._running))
-        return cpb.ConnectRequest(heartbeat=cpb.MinerHeartbeat(free_slots=free, draining=self.draining))
+        telemetry = [
+            cpb.GpuTelemetry(
+                index=t.index, utilization_percent=t.utilization_percent, memory_used_bytes=t.memory_used_bytes,
+                power_watts=t.power_watts, temperature_celsius=t.temperature_celsius,
+            )
+            for t in self.nvml.telemetry()
+        ]  # fmt: skip
+        return cpb.ConnectRequest(
+            heartbeat=cpb.MinerHeartbeat(free_slots=free, draining=self.draining, telemetry=telemetry)
+        )
 
     async def _heartbeats(self, out: asyncio.Queue[cpb.ConnectRequest | None], interval: float) -> None:
         while True:
@@ -263,9 +274,13 @@ class MinerAgent:
                 self._out.put_nowait(cpb.ConnectRequest(accepted=cpb.AssignmentAccepted(lease_id=a.lease_id)))
             log.info("job_started", device=self.config.device)
             start = ts_now()
-            outcome: RunOutcome = await self.pool.run(
-                a.job_spec, self.config.device, str(job_dir / "output.bin"), max_runtime=self.config.max_runtime
-            )
+            async with self.pool.slot() as slot:
+                with self.nvml.energy_meter(slot.index) as meter:
+                    outcome: RunOutcome = await slot.run(
+                        a.job_spec, self.config.device, str(job_dir / "output.bin"), max_runtime=self.config.max_runtime
+                    )
+            if meter.joules:
+                outcome = dataclasses.replace(outcome, energy_joules=meter.joules)
             finish = ts_now()
             body = signing_pb2.ReceiptBody(
                 network_id=self.network_id,

@@ -12,7 +12,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -158,14 +158,16 @@ class SlotPool:
         for slot in self.slots:
             slot.start()
 
-    async def run(self, *args: Any, max_runtime: float) -> Any:
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[Slot]:
+        """A free slot for the length of one job."""
         if self._free is None:
             self._free = asyncio.Queue()
             for slot in self.slots:
                 self._free.put_nowait(slot)
         slot = await self._free.get()
         try:
-            return await slot.run(*args, max_runtime=max_runtime)
+            yield slot
         finally:
             self._free.put_nowait(slot)
 
