@@ -56,7 +56,9 @@ class Network:
     def log(self, name: str) -> Path:
         return self.root / "logs" / f"{name}.log"
 
-    def spawn(self, name: str, module: str, flags: list[str], env: dict[str, str], ready: Path) -> int:
+    def spawn(
+        self, name: str, module: str, flags: list[str], env: dict[str, str], ready: Path, wait: bool = True
+    ) -> int:
         self.log(name).parent.mkdir(parents=True, exist_ok=True)
         out = self.log(name).open("ab")
         proc = subprocess.Popen(
@@ -68,6 +70,8 @@ class Network:
         )
         out.close()
         self.procs[name] = proc
+        if not wait:
+            return 0
         port = wait_ready(ready, proc, name, log=self.log(name))
         self.ports[name] = port
         return port
@@ -123,7 +127,7 @@ class Network:
             ready,
         )
 
-    def start_miner(self, name: str = "miner") -> None:
+    def start_miner(self, name: str = "miner", wait: bool = True) -> None:
         ident = self.ids[name]
         ready = self.root / "run" / f"{name}.ready"
         ready.unlink(missing_ok=True)
@@ -146,6 +150,7 @@ class Network:
             ],
             {"AITBC_MINER_API_KEY": ident.token},
             ready,
+            wait,
         )
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> int:

@@ -108,6 +108,7 @@ async def serve(config: MinerConfig, key: KeyPair, ready_file: str, drain_secs: 
     pool = SlotPool(slots)
     pool.warm()
     agent = MinerAgent(config, key, pool)
+    agent.recover()
     stop = asyncio.Event()
     terminate = asyncio.Event()
     loop = asyncio.get_running_loop()

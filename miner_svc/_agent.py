@@ -206,6 +206,21 @@ class MinerAgent:
         self._forget(lease_id)
         log.info("assignment_cancelled", lease_id=lease_id, reason=reason)
 
+    def recover(self) -> int:
+        """Pick up results a previous process finished but did not deliver."""
+        jobs = self.config.work_dir / "jobs"
+        for job_dir in sorted(jobs.glob("*")) if jobs.exists() else []:
+            result_file = job_dir / RESULT_FILE
+            if not result_file.exists():
+                shutil.rmtree(job_dir, ignore_errors=True)  # died mid-run: the lease lapses
+                continue
+            msg = cpb.ConnectRequest.FromString(result_file.read_bytes())
+            self._finished[msg.result.lease_id] = msg
+            self._outputs[msg.result.lease_id] = job_dir / "output.bin"
+        if self._finished:
+            log.info("results_recovered", count=len(self._finished))
+        return len(self._finished)
+
     def _forget(self, lease_id: str) -> None:
         self._finished.pop(lease_id, None)
         path = self._outputs.pop(lease_id, None)
@@ -302,8 +317,12 @@ class MinerAgent:
                 nonce=secrets.token_bytes(16),
             )
             receipt = seal(body, crypto.RECEIPT_DOMAIN, self.key)
+            result = cpb.ConnectRequest(result=cpb.JobResult(lease_id=a.lease_id, receipt=receipt))
+            # On disk beside the output, so a result survives a sidecar
+            # restart too and is delivered by the next process.
+            _write_atomic(job_dir / RESULT_FILE, result.SerializeToString())
             self._outputs[a.lease_id] = Path(outcome.output_path)
-            self._finished[a.lease_id] = cpb.ConnectRequest(result=cpb.JobResult(lease_id=a.lease_id, receipt=receipt))
+            self._finished[a.lease_id] = result
             log.info("job_finished", tflops=round(outcome.tflops, 4), seconds=round(outcome.run_seconds, 4))
         except asyncio.CancelledError:
             shutil.rmtree(job_dir, ignore_errors=True)
@@ -331,6 +350,18 @@ class MinerAgent:
                 # Let the stream drain so a large result does not pile up in memory.
                 while out.qsize() > 4:  # noqa: ASYNC110 - the queue is shared and unbounded by design
                     await asyncio.sleep(0.005)
+
+
+RESULT_FILE = "result.pb"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
 
 
 def ensure_dir(path: Path) -> Path:

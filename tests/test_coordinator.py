@@ -252,3 +252,42 @@ async def test_sigterm_drains_the_running_job_takes_no_more_and_exits_0(net: tup
     assert await clients.balance(network.ids["miner"].address) == (final.miner_amount, 0)
     later = await get(clients, waiting.job_id)
     assert later.state == cpb.JOB_STATE_QUEUED and later.attempts == 0  # never went to the draining miner
+
+
+async def test_a_result_finished_while_the_coordinator_was_down_is_delivered_and_paid_once(
+    network: Network,
+) -> None:
+    """The coordinator is down for 20 s; meanwhile the job finishes and the
+    sidecar itself is SIGKILLed and restarted. The new sidecar process finds
+    the result on disk, reconnects by itself, and it is paid once."""
+    network.start_wallet()
+    network.start_coordinator("--lease-secs", "60", "--heartbeat-secs", "0.5")
+    port = network.ports["coordinator"]
+    network.start_miner("miner")
+    clients = Clients(network)
+    try:
+        await clients.mint("client", 100_000_000)
+        spec = cpb.JobSpec(
+            matmul=workloads_pb2.MatmulParams(n=2048, dtype=workloads_pb2.DTYPE_FP32, seed=9, repeats=30),
+            max_price=10_000_000,
+        )
+        job = await clients.submit(spec)
+        await running_on(clients, job.job_id, "miner-1")
+        down_at = time.monotonic()
+        network.stop("coordinator", signal.SIGKILL)
+
+        async def finished() -> None:
+            assert '"event": "job_finished"' in network.log("miner").read_text()
+
+        await eventually(finished, timeout=60)
+        network.stop("miner", signal.SIGKILL)
+        network.start_miner("miner", wait=False)  # cannot be ready: nothing to connect to
+        await asyncio.sleep(max(0.0, 20 - (time.monotonic() - down_at)))
+        network.start_coordinator("--lease-secs", "60", "--heartbeat-secs", "0.5", port=port)
+        final = (await clients.watch(job.job_id))[-1]
+        assert final.state == cpb.JOB_STATE_SETTLED, final.status_detail
+        assert (final.miner_id, final.attempts) == ("miner-1", 1)
+        assert await clients.balance(network.ids["miner"].address) == (final.miner_amount, 0)
+        assert '"event": "results_recovered"' in network.log("miner").read_text()
+    finally:
+        await clients.close()
