@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             [
                 "--port",
                 str(args.coord_port),
-                "--db-path",
+                "--db",
                 str(var / "coordinator.sqlite"),
                 "--blobs-dir",
                 str(var / "blobs"),

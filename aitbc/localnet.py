@@ -100,17 +100,19 @@ class Network:
             ready,
         )
 
-    def start_coordinator(self, *extra: str, port: int = 0) -> None:
-        ready = self.root / "run" / "coordinator.port"
+    def start_coordinator(
+        self, *extra: str, port: int = 0, name: str = "coordinator", coord_db: str | None = None
+    ) -> None:
+        ready = self.root / "run" / f"{name}.port"
         ready.unlink(missing_ok=True)
         self.spawn(
-            "coordinator",
+            name,
             "coordinator_svc",
             [
                 "--port",
                 str(port),
-                "--db-path",
-                str(self.root / "coordinator.sqlite"),
+                "--db",
+                coord_db or str(self.root / "coordinator.sqlite"),
                 "--blobs-dir",
                 str(self.root / "blobs"),
                 "--tokens-file",
@@ -127,7 +129,7 @@ class Network:
             ready,
         )
 
-    def start_miner(self, name: str = "miner", wait: bool = True) -> None:
+    def start_miner(self, name: str = "miner", wait: bool = True, coordinator: str = "coordinator") -> None:
         ident = self.ids[name]
         ready = self.root / "run" / f"{name}.ready"
         ready.unlink(missing_ok=True)
@@ -136,7 +138,7 @@ class Network:
             "miner_svc",
             [
                 "--coord-url",
-                self.coord_target,
+                self.target(coordinator),
                 "--miner-id",
                 ident.principal.miner_id,
                 "--work-dir",

@@ -8,14 +8,16 @@ import platform
 import re
 import sqlite3
 import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 from aitbc.pgtemp import PostgresUnavailable, TempPostgres
-from bench import wallet_settlements
+from bench import miner_overhead, wallet_settlements
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- bench:wallet:begin -->", "<!-- bench:wallet:end -->"
+MBEGIN, MEND = "<!-- bench:miner:begin -->", "<!-- bench:miner:end -->"
 
 
 def machine() -> str:
@@ -37,7 +39,7 @@ def machine() -> str:
     )
 
 
-def main() -> None:
+def wallet_section() -> str:
     pg: TempPostgres | None = None
     try:
         pg = TempPostgres().start()
@@ -57,24 +59,53 @@ def main() -> None:
         table.append(
             f"| {r['store']} | {r['call']} | {r['callers']} | {r['settlements']} | **{r['median']:.0f}** | {runs} |"
         )
-    section = "\n".join(
+    return "\n".join([BEGIN, f"Measured {datetime.now(UTC):%Y-%m-%d} on {machine()}.", "", *table, END])
+
+
+def miner_section() -> str:
+    m = miner_overhead.run()
+    return "\n".join(
         [
-            BEGIN,
+            MBEGIN,
             f"Measured {datetime.now(UTC):%Y-%m-%d} on {machine()}.",
             "",
-            *table,
-            END,
+            f"matmul n={miner_overhead.N} fp32 x{miner_overhead.REPEATS} on the CPU, {miner_overhead.JOBS} jobs each:",
+            "",
+            "| path | median seconds per job | runs |",
+            "| --- | --- | --- |",
+            f"| bare loop, one process | **{m['bare']:.3f}** | {', '.join(f'{x:.3f}' for x in m['bare_runs'])} |",
+            f"| through the sidecar (assigned to result in) | **{m['sidecar']:.3f}** | "
+            f"{', '.join(f'{x:.3f}' for x in m['sidecar_runs'])} |",
+            "",
+            f"Overhead: **{m['overhead']:+.1%}**.",
+            MEND,
         ]
     )
+
+
+PARTS = {
+    "wallet": (BEGIN, END, "Wallet settlements", wallet_section),
+    "miner": (MBEGIN, MEND, "Miner harness overhead", miner_section),
+}
+
+
+def main(argv: list[str]) -> None:
+    """`python -m bench [wallet] [miner]`: the named parts, or all; each part's
+    section of BENCHMARKS.md is rewritten as soon as it is measured."""
     path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), section, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n## Wallet settlements\n\n" + section + "\n"
-    path.write_text(text)
-    print(f"wrote {path}")
+    for name in argv or list(PARTS):
+        begin, end, title, measure = PARTS[name]
+        section = measure()
+        text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+        path.write_text(_put(text, begin, end, section, title))
+        print(f"wrote {name} to {path}")
+
+
+def _put(text: str, begin: str, end: str, section: str, title: str) -> str:
+    if begin in text:
+        return re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
+    return text.rstrip() + f"\n\n## {title}\n\n" + section + "\n"
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

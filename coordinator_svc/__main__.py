@@ -14,7 +14,7 @@ from aitbc.logs import setup_logging
 from aitbc.server import wait_for_shutdown_signal, write_ready_file
 from aitbc.sqlite import SchemaMismatch
 from coordinator_svc._jobs import Coordinator, Settings
-from coordinator_svc._store import SqliteJobStore
+from coordinator_svc._store import open_job_store
 from coordinator_svc._wallet import WalletClient
 from coordinator_svc.server import OPTIONS, CoordinatorDeps, build_server
 
@@ -40,7 +40,7 @@ async def serve(conf: dict) -> int:
         matmul_uait_per_gflop=conf["MATMUL_UAIT_PER_GFLOP"],
     )
     try:
-        store = SqliteJobStore(conf["DB_PATH"])
+        store = open_job_store(conf["DB"])
     except SchemaMismatch as exc:
         raise SystemExit(str(exc)) from None
     wallet = WalletClient(conf["WALLET_TARGET"], conf["WALLET_TOKEN"])

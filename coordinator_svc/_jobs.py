@@ -34,7 +34,7 @@ from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import signing_pb2
 from aitbc.workloads.registry import workload_of
 from coordinator_svc import _store as st
-from coordinator_svc._store import JobRecord, SqliteJobStore
+from coordinator_svc._store import JobRecord, JobStore
 from coordinator_svc._verify import ACCEPTED, check_result
 from coordinator_svc._wallet import WalletClient, WalletError
 
@@ -121,6 +121,9 @@ class WatchHub:
         for q in self._subs.get(rec.job_id, ()):
             q.put_nowait(rec)
 
+    def watching(self, job_id: str) -> bool:
+        return job_id in self._subs
+
     def subscribe(self, job_id: str) -> asyncio.Queue[JobRecord]:
         q: asyncio.Queue[JobRecord] = asyncio.Queue()
         self._subs.setdefault(job_id, set()).add(q)
@@ -138,7 +141,7 @@ class Coordinator:
     def __init__(
         self,
         *,
-        store: SqliteJobStore,
+        store: JobStore,
         wallet: WalletClient,
         key: crypto.KeyPair,
         settings: Settings,
@@ -167,6 +170,12 @@ class Coordinator:
     # -- lifecycle --------------------------------------------------------
 
     async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def on_change(job_id: str, state: str) -> None:  # on the listener's thread
+            loop.call_soon_threadsafe(self._changed_elsewhere, job_id, state)
+
+        self.store.listen(on_change)
         await self._recover()
         for coro in (self._dispatch_loop(), self._lease_loop(), self._outbox_loop()):
             self._tasks.append(asyncio.create_task(coro))
@@ -196,11 +205,30 @@ class Coordinator:
         # process: hand the job out again.
         for rec in await self.db(self.store.in_states, [st.VERIFYING]):
             await self._retry_or_fail(rec, [st.VERIFYING], "coordinator restarted while verifying")
-        # Leased jobs keep their leases: the miner may reconnect and deliver;
-        # if not, the lease lapses and the lease loop requeues them.
+        # Leased jobs keep their leases, renewed in full: their miners could
+        # not heartbeat while we were down, and may reconnect and deliver.
+        # If they do not, the lease lapses and the lease loop requeues them.
+        renewed = await self.db(self.store.renew_leases, time.time() + self.settings.lease_secs)
+        if renewed:
+            log.info("leases_renewed_after_restart", count=renewed)
 
     def wake(self) -> None:
         self._wake.set()
+
+    def _changed_elsewhere(self, job_id: str, state: str) -> None:
+        """A job changed, maybe in another replica: wake the dispatcher for
+        queued work, the outbox for endings, and this replica's watchers."""
+        if state == st.QUEUED:
+            self.wake()
+        elif state in (st.SETTLING, st.FAILED, st.CANCELLED, st.EXPIRED):
+            self._outbox_wake.set()
+        if self.watch_hub.watching(job_id):
+            self.spawn(self._republish(job_id))
+
+    async def _republish(self, job_id: str) -> None:
+        rec = await self.db(self.store.get, job_id)
+        if rec is not None:
+            self.watch_hub.publish(rec)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run work that must finish even if the stream that asked for it

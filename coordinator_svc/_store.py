@@ -1,14 +1,17 @@
-"""Job store (SQLite). Every transition is a compare-and-set on the job's
+"""Job store: SQLite (embedded) or PostgreSQL (several coordinator replicas on
+one database). Every transition is a compare-and-set on the job's
 state (and, where a miner speaks, its lease id: fencing), committed durably
 before anyone is told about it. The settlement outbox lives in the same
 database so a verdict and the intent to pay commit together."""
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from aitbc.sqlite import SqliteStore
@@ -122,22 +125,42 @@ class OutboxItem:
     attempts: int
 
 
-class SqliteJobStore(SqliteStore):
-    SCHEMA = SCHEMA
-    SCHEMA_VERSION = 2
+class JobStore:
+    """The store's logic over any DB-API connection with "?" placeholders.
+    Subclasses provide _read() and _tx() and, for several replicas, row
+    locks and change notifications."""
 
-    @staticmethod
-    def _get(db: sqlite3.Connection, job_id: str) -> JobRecord | None:
-        row = db.execute(f"{_SELECT} WHERE job_id = ?", (job_id,)).fetchone()
+    # Appended to the read that a transition's compare-and-set decides on:
+    # with several writers (PostgreSQL) the row must be locked until commit.
+    FOR_UPDATE = ""
+
+    def _read(self) -> AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def _tx(self) -> AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def _notify(self, db: Any, rec: JobRecord) -> None:
+        """Tell other replicas a job changed (no-op with one process)."""
+
+    def listen(self, on_change: Callable[[str, str], None]) -> None:
+        """Call on_change(job_id, state) for changes made by other
+        processes; a single-process store has none."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _get(self, db: Any, job_id: str, *, lock: bool = False) -> JobRecord | None:
+        row = db.execute(f"{_SELECT} WHERE job_id = ?{self.FOR_UPDATE if lock else ''}", (job_id,)).fetchone()
         return JobRecord(*row) if row else None
 
     def get(self, job_id: str) -> JobRecord | None:
-        with self._lock:
-            return self._get(self._db, job_id)
+        with self._read() as db:
+            return self._get(db, job_id)
 
     def get_by_request(self, client_name: str, request_id: str) -> JobRecord | None:
-        with self._lock:
-            row = self._db.execute(
+        with self._read() as db:
+            row = db.execute(
                 f"{_SELECT} WHERE client_name = ? AND request_id = ?", (client_name, request_id)
             ).fetchone()
         return JobRecord(*row) if row else None
@@ -145,16 +168,18 @@ class SqliteJobStore(SqliteStore):
     def insert(self, rec: JobRecord) -> JobRecord:
         """Insert a new job; if (client, request_id) exists, return that one."""
         with self._tx() as db:
+            db.execute(
+                f"INSERT INTO jobs({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
+                "ON CONFLICT (client_name, request_id) DO NOTHING",
+                [getattr(rec, c) for c in _COLUMNS],
+            )
             row = db.execute(
                 f"{_SELECT} WHERE client_name = ? AND request_id = ?", (rec.client_name, rec.request_id)
             ).fetchone()
-            if row:
-                return JobRecord(*row)
-            db.execute(
-                f"INSERT INTO jobs({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-                [getattr(rec, c) for c in _COLUMNS],
-            )
-            return rec
+            stored = JobRecord(*row)
+            if stored.job_id == rec.job_id:
+                self._notify(db, stored)
+            return stored
 
     def delete(self, job_id: str, state: str) -> None:
         with self._tx() as db:
@@ -176,7 +201,7 @@ class SqliteJobStore(SqliteStore):
         unknown = set(changes) - set(_COLUMNS)
         assert not unknown, unknown
         with self._tx() as db:
-            cur = self._get(db, job_id)
+            cur = self._get(db, job_id, lock=True)
             if cur is None or cur.state not in set(from_states):
                 return None
             if expect_lease is not None and cur.lease_id != expect_lease:
@@ -186,31 +211,32 @@ class SqliteJobStore(SqliteStore):
             db.execute(f"UPDATE jobs SET {sets} WHERE job_id = ?", [*changes.values(), job_id])
             if outbox is not None:
                 db.execute(
-                    "INSERT OR IGNORE INTO outbox(job_id, kind, payload) VALUES (?, ?, ?)",
+                    "INSERT INTO outbox(job_id, kind, payload) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                     (job_id, outbox[0], outbox[1]),
                 )
-            return self._get(db, job_id)
+            new = self._get(db, job_id)
+            assert new is not None
+            self._notify(db, new)
+            return new
 
     def in_states(self, states: Iterable[str], limit: int = 1000) -> list[JobRecord]:
         states = list(states)
-        with self._lock:
-            rows = self._db.execute(
+        with self._read() as db:
+            rows = db.execute(
                 f"{_SELECT} WHERE state IN ({', '.join('?' * len(states))}) ORDER BY create_time LIMIT ?",
                 [*states, limit],
             ).fetchall()
         return [JobRecord(*r) for r in rows]
 
     def lapsed_leases(self, now: float) -> list[JobRecord]:
-        with self._lock:
-            rows = self._db.execute(
-                f"{_SELECT} WHERE state IN (?, ?) AND lease_deadline < ?", (*LEASED, now)
-            ).fetchall()
+        with self._read() as db:
+            rows = db.execute(f"{_SELECT} WHERE state IN (?, ?) AND lease_deadline < ?", (*LEASED, now)).fetchall()
         return [JobRecord(*r) for r in rows]
 
     def expired(self, now: float, states: Iterable[str]) -> list[JobRecord]:
         states = list(states)
-        with self._lock:
-            rows = self._db.execute(
+        with self._read() as db:
+            rows = db.execute(
                 f"{_SELECT} WHERE deadline > 0 AND deadline < ? AND state IN ({', '.join('?' * len(states))})",
                 [now, *states],
             ).fetchall()
@@ -229,9 +255,18 @@ class SqliteJobStore(SqliteStore):
             params += list(before)
         sql += " ORDER BY create_time DESC, job_id DESC LIMIT ?"
         params.append(limit)
-        with self._lock:
-            rows = self._db.execute(sql, params).fetchall()
+        with self._read() as db:
+            rows = db.execute(sql, params).fetchall()
         return [JobRecord(*r) for r in rows]
+
+    def renew_leases(self, deadline: float) -> int:
+        """Push every lease's deadline to at least `deadline`."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET lease_deadline = ? WHERE state IN (?, ?) AND lease_deadline < ?",
+                (deadline, *LEASED, deadline),
+            )
+            return int(cur.rowcount)
 
     def extend_leases(self, miner_id: str, deadline: float) -> int:
         with self._tx() as db:
@@ -247,28 +282,26 @@ class SqliteJobStore(SqliteStore):
         """Trust the first key a miner id presents; return the registered
         key (which the caller compares with the one presented)."""
         with self._tx() as db:
-            row = db.execute("SELECT public_key FROM miners WHERE miner_id = ?", (miner_id,)).fetchone()
-            if row:
-                db.execute("UPDATE miners SET payout_address = ? WHERE miner_id = ?", (payout_address, miner_id))
-                return bytes(row[0])
             db.execute(
-                "INSERT INTO miners(miner_id, public_key, payout_address, first_seen) VALUES (?, ?, ?, ?)",
+                "INSERT INTO miners(miner_id, public_key, payout_address, first_seen) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (miner_id) DO NOTHING",
                 (miner_id, public_key, payout_address, now_iso()),
             )
-            return public_key
+            row = db.execute("SELECT public_key FROM miners WHERE miner_id = ?", (miner_id,)).fetchone()
+            if bytes(row[0]) == public_key:
+                db.execute("UPDATE miners SET payout_address = ? WHERE miner_id = ?", (payout_address, miner_id))
+            return bytes(row[0])
 
     def miner(self, miner_id: str) -> tuple[bytes, str] | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT public_key, payout_address FROM miners WHERE miner_id = ?", (miner_id,)
-            ).fetchone()
+        with self._read() as db:
+            row = db.execute("SELECT public_key, payout_address FROM miners WHERE miner_id = ?", (miner_id,)).fetchone()
         return (bytes(row[0]), row[1]) if row else None
 
     # -- outbox ----------------------------------------------------------
 
     def due_outbox(self, now: float, limit: int = 100) -> list[OutboxItem]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._read() as db:
+            rows = db.execute(
                 "SELECT job_id, kind, payload, attempts FROM outbox WHERE done = 0 AND next_attempt <= ? "
                 "ORDER BY next_attempt LIMIT ?",
                 (now, limit),
@@ -288,7 +321,7 @@ class SqliteJobStore(SqliteStore):
         states = list(from_states)
         with self._tx() as db:
             db.execute("UPDATE outbox SET done = 1 WHERE job_id = ? AND kind = ?", (job_id, kind))
-            cur = self._get(db, job_id)
+            cur = self._get(db, job_id, lock=True)
             if cur is None:
                 return None
             if cur.state in states:
@@ -300,8 +333,105 @@ class SqliteJobStore(SqliteStore):
                     "UPDATE jobs SET hold_state = ?, update_time = ? WHERE job_id = ?",
                     (changes["hold_state"], now_iso(), job_id),
                 )
-            return self._get(db, job_id)
+            new = self._get(db, job_id)
+            if new is not None:
+                self._notify(db, new)
+            return new
 
     def pending_outbox_count(self) -> int:
+        with self._read() as db:
+            return int(db.execute("SELECT COUNT(*) FROM outbox WHERE done = 0").fetchone()[0])
+
+
+class SqliteJobStore(SqliteStore, JobStore):
+    SCHEMA = SCHEMA
+    SCHEMA_VERSION = 2
+
+    def close(self) -> None:
+        SqliteStore.close(self)
+
+
+def _pg_schema() -> str:
+    return (
+        SCHEMA.replace("BLOB NOT NULL DEFAULT x''", "BYTEA NOT NULL DEFAULT ''::bytea")
+        .replace("BLOB", "BYTEA")
+        .replace("REAL", "DOUBLE PRECISION")
+        .replace("INTEGER", "BIGINT")
+    )
+
+
+class _PgDb:
+    """psycopg behind the sqlite3 call shape the store logic uses."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        return self._conn.execute(sql.replace("?", "%s"), params)
+
+
+class PostgresJobStore(JobStore):
+    """Several coordinator replicas share one database. Transitions lock the
+    job's row (SELECT … FOR UPDATE) for their compare-and-set, so a job is
+    claimed by exactly one replica's miner; every change is announced with
+    NOTIFY so the replica with a free miner wakes, and watchers on any
+    replica see every state."""
+
+    FOR_UPDATE = " FOR UPDATE"
+    CHANNEL = "aitbc_jobs"
+    SCHEMA_LOCK = 0x41495443
+
+    def __init__(self, dsn: str) -> None:
+        import psycopg
+
+        self._psycopg = psycopg
+        self._dsn = dsn
+        self._conn = psycopg.connect(dsn, autocommit=True)
+        with self._conn.transaction():
+            self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.SCHEMA_LOCK,))
+            self._conn.execute(_pg_schema())
+        self._lock = threading.Lock()
+        self._listener: threading.Thread | None = None
+        self._stopped = threading.Event()
+
+    @contextmanager
+    def _read(self) -> Iterator[_PgDb]:
         with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM outbox WHERE done = 0").fetchone()[0])
+            yield _PgDb(self._conn)
+
+    @contextmanager
+    def _tx(self) -> Iterator[_PgDb]:
+        with self._lock, self._conn.transaction():
+            yield _PgDb(self._conn)
+
+    def _notify(self, db: Any, rec: JobRecord) -> None:
+        db.execute("SELECT pg_notify(?, ?)", (self.CHANNEL, f"{rec.job_id}:{rec.state}"))
+
+    def listen(self, on_change: Callable[[str, str], None]) -> None:
+        def run() -> None:
+            while not self._stopped.is_set():
+                try:
+                    with self._psycopg.connect(self._dsn, autocommit=True) as conn:
+                        conn.execute(f"LISTEN {self.CHANNEL}")
+                        while not self._stopped.is_set():
+                            for note in conn.notifies(timeout=0.5):
+                                job_id, _, state = note.payload.partition(":")
+                                on_change(job_id, state)
+                except self._psycopg.Error:
+                    self._stopped.wait(1.0)  # the database is away: try again
+
+        self._listener = threading.Thread(target=run, name="job-notifications", daemon=True)
+        self._listener.start()
+
+    def close(self) -> None:
+        self._stopped.set()
+        if self._listener is not None:
+            self._listener.join(timeout=5)
+        self._conn.close()
+
+
+def open_job_store(url: str) -> JobStore:
+    """`postgresql://…` opens PostgreSQL; anything else is a SQLite path."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresJobStore(url)
+    return SqliteJobStore(Path(url))

@@ -15,7 +15,7 @@ from coordinator_svc._servicer import CoordinatorServicer, MinerGatewayServicer
 OPTIONS = [
     Option("HOST", str, "127.0.0.1", "address to listen on"),
     Option("PORT", int, 50051, "port to listen on (0 picks a free one)"),
-    Option("DB_PATH", Path, Path("var/coordinator.sqlite"), "SQLite job store"),
+    Option("DB", str, "var/coordinator.sqlite", "SQLite job store file, or a postgresql:// URL shared by replicas"),
     Option("BLOBS_DIR", Path, Path("var/blobs"), "content-addressed job outputs"),
     Option("TOKENS_FILE", Path, Path("var/dev/principals.json"), "principals and token hashes (JSON)"),
     Option("KEY_FILE", Path, Path("var/dev/coordinator.key"), "Ed25519 key that signs settlements (0600)"),

@@ -31,6 +31,7 @@ from miner_svc._worker import JobFailed, SlotPool
 log = structlog.get_logger()
 
 CHUNK_BYTES = 1024 * 1024
+MAX_BACKOFF_SECS = 10.0
 # Errors a reconnect cannot fix: the operator must.
 FATAL_CODES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT}
 
@@ -122,7 +123,9 @@ class MinerAgent:
             log.info("reconnecting", in_seconds=round(delay, 2))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
-            backoff = min(backoff * 2, 30.0)
+            # Capped well under a lease: a coordinator that comes back finds
+            # its miners again before their leases run out.
+            backoff = min(backoff * 2, MAX_BACKOFF_SECS)
 
     async def _session(self, stop: asyncio.Event) -> None:
         out: asyncio.Queue[cpb.ConnectRequest | None] = asyncio.Queue()
