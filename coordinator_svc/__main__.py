@@ -36,6 +36,7 @@ async def serve(conf: dict) -> int:
         lease_secs=conf["LEASE_SECS"],
         max_attempts=conf["MAX_ATTEMPTS"],
         fee_bps=conf["FEE_BPS"],
+        ban_after=conf["BAN_AFTER"],
         matmul_base_price=conf["MATMUL_BASE_PRICE"],
         matmul_uait_per_gflop=conf["MATMUL_UAIT_PER_GFLOP"],
     )

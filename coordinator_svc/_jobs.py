@@ -52,6 +52,8 @@ class Settings:
     # Price table: base per job plus per unit of the workload's own measure.
     matmul_base_price: int = 1000
     matmul_uait_per_gflop: int = 1000
+    # A miner whose results were refused this many times is banned.
+    ban_after: int = 3
 
 
 @dataclass
@@ -84,6 +86,8 @@ class MinerSession:
     draining: bool = False
     # The latest GPU telemetry from its heartbeats.
     telemetry: list[Any] = field(default_factory=list)
+    # 0..1 from its record of accepted and refused results (see reputation()).
+    reputation: float = 0.5
 
     @property
     def accepts_work(self) -> bool:
@@ -99,6 +103,13 @@ class MinerSession:
         if req.gpu_required and not self.gpu:
             return False
         return req.min_vram_bytes <= self.max_vram if req.min_vram_bytes else True
+
+
+def reputation(accepted: int, refused: int) -> float:
+    """Laplace-smoothed share of good results, where one refused result
+    weighs as much as ten accepted ones: a new miner starts at 0.5, a
+    cheater sinks fast and climbs back slowly."""
+    return (accepted + 1) / (accepted + 1 + 10 * refused + 1)
 
 
 def why_unplaceable(workload: str, req: cpb.Requirements, sessions: list[MinerSession]) -> str:
@@ -161,6 +172,8 @@ class Coordinator:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._inflight: set[asyncio.Task[None]] = set()
+        # job id -> (fraction, message) of running jobs whose miner is here.
+        self.progress_of: dict[str, tuple[float, str]] = {}
 
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a store call on the store's one thread: commits fsync, and the
@@ -241,6 +254,8 @@ class Coordinator:
     def _publish(self, rec: JobRecord | None) -> None:
         if rec is None:
             return
+        if rec.state != st.RUNNING:
+            self.progress_of.pop(rec.job_id, None)
         log.info(
             "job_state",
             job_id=rec.job_id,
@@ -435,12 +450,14 @@ class Coordinator:
         try:
             rec = await self.get(caller, job_id)
             last = rec.update_time, rec.state
+            shown = self.progress_of.get(job_id)
             yield rec
             while rec.state not in st.TERMINAL:
                 rec = await q.get()
-                if (rec.update_time, rec.state) <= last:
-                    continue
-                last = rec.update_time, rec.state
+                progress = self.progress_of.get(job_id)
+                if (rec.update_time, rec.state) < last or ((rec.update_time, rec.state) == last and progress == shown):
+                    continue  # stale, or nothing new to show
+                last, shown = (rec.update_time, rec.state), progress
                 yield rec
         finally:
             self.watch_hub.unsubscribe(job_id, q)
@@ -479,8 +496,9 @@ class Coordinator:
                 if not any(s.free_slots for s in sessions):
                     return
                 continue
-            # Least loaded first, then the longest connected (stable miners).
-            session = min(free, key=lambda s: (1 - s.free_slots / s.slots, s.connected_at))
+            # Policy: best reputation first, then least loaded, then the
+            # longest connected (stable miners).
+            session = min(free, key=lambda s: (-s.reputation, 1 - s.free_slots / s.slots, s.connected_at))
             await self._assign(session, rec)
 
     async def _assign(self, session: MinerSession, rec: JobRecord) -> None:
@@ -626,6 +644,15 @@ class Coordinator:
             return None
         return entry[0]
 
+    def progress(self, session: MinerSession, p: cpb.JobProgress) -> None:
+        entry = session.leases.get(p.lease_id)
+        if entry is None:
+            return
+        job_id = entry[0]
+        self.progress_of[job_id] = (min(1.0, max(0.0, p.fraction)), p.message[:200])
+        if self.watch_hub.watching(job_id):
+            self.spawn(self._republish(job_id))
+
     async def accepted(self, session: MinerSession, lease_id: str) -> None:
         job_id = self._lease_of(session, lease_id)
         if job_id is None:
@@ -680,6 +707,18 @@ class Coordinator:
                 up.path.unlink(missing_ok=True)
             await self._retry_or_fail(rec, [st.VERIFYING], "internal error while verifying the result")
 
+    async def _judge_miner(self, session: MinerSession, accepted: bool) -> bool:
+        """Record the verdict in the miner's standing; True if now banned."""
+        good, bad = await self.db(self.store.record_verdict, session.miner_id, accepted)
+        session.reputation = reputation(good, bad)
+        if bad >= self.settings.ban_after:
+            log.warning("miner_banned", miner_id=session.miner_id, refused=bad, accepted=good)
+            return True
+        return False
+
+    def banned(self, accepted_refused: tuple[int, int]) -> bool:
+        return accepted_refused[1] >= self.settings.ban_after
+
     async def _judge(self, session: MinerSession, rec: JobRecord, res: cpb.JobResult, up: Upload | None) -> None:
         job_id, lease_id = rec.job_id, res.lease_id
         output = b""
@@ -697,6 +736,7 @@ class Coordinator:
         log.info(
             "result_checked", job_id=job_id, miner_id=session.miner_id, verdict=outcome.verdict, detail=outcome.detail
         )
+        banned = await self._judge_miner(session, outcome.verdict == ACCEPTED)
         if outcome.verdict != ACCEPTED:
             if up:
                 up.path.unlink(missing_ok=True)
@@ -708,6 +748,8 @@ class Coordinator:
                 refused_miners=f"{rec.refused_miners} {session.miner_id}".strip(),
             )
             await self._ack(session, lease_id, f"VERDICT_{outcome.verdict}", outcome.detail)
+            if banned:
+                session.outbox.put_nowait(None)  # after the ack: it learns why
             return
         assert outcome.body is not None and up is not None
         digest = outcome.body.output_sha256

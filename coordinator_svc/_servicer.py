@@ -16,7 +16,7 @@ from aitbc.timeutil import duration, ts_from_iso
 from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import coordinator_pb2_grpc
 from coordinator_svc import _store as st
-from coordinator_svc._jobs import Coordinator, MinerSession
+from coordinator_svc._jobs import Coordinator, MinerSession, reputation
 from coordinator_svc._store import JobRecord
 
 log = structlog.get_logger()
@@ -45,7 +45,7 @@ def _hidden(states: object) -> set[str]:
     return {st.HOLDING} if cpb.JOB_STATE_QUEUED in states else set()  # type: ignore[operator]
 
 
-def job_pb(rec: JobRecord) -> cpb.Job:
+def job_pb(rec: JobRecord, progress: tuple[float, str] | None = None) -> cpb.Job:
     job = cpb.Job(
         job_id=rec.job_id,
         state=_STATE[rec.state],
@@ -62,6 +62,8 @@ def job_pb(rec: JobRecord) -> cpb.Job:
         create_time=ts_from_iso(rec.create_time),
         update_time=ts_from_iso(rec.update_time),
     )
+    if progress is not None and rec.state == st.RUNNING:
+        job.progress, job.progress_message = progress
     if rec.usage:
         job.usage.ParseFromString(rec.usage)
     if rec.receipt:
@@ -86,13 +88,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         return cpb.SubmitJobResponse(job=job_pb(rec))
 
     async def GetJob(self, request: cpb.GetJobRequest, context: grpc.aio.ServicerContext) -> cpb.GetJobResponse:
-        return cpb.GetJobResponse(job=job_pb(await self._core.get(principal(), request.job_id)))
+        rec = await self._core.get(principal(), request.job_id)
+        return cpb.GetJobResponse(job=job_pb(rec, self._core.progress_of.get(rec.job_id)))
 
     async def WatchJob(
         self, request: cpb.WatchJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[cpb.WatchJobResponse]:
         async for rec in self._core.watch(principal(), request.job_id):
-            yield cpb.WatchJobResponse(job=job_pb(rec))
+            yield cpb.WatchJobResponse(job=job_pb(rec, self._core.progress_of.get(rec.job_id)))
 
     async def ListJobs(self, request: cpb.ListJobsRequest, context: grpc.aio.ServicerContext) -> cpb.ListJobsResponse:
         states = sorted({_STATE_NAMES[s] for s in request.states if s in _STATE_NAMES} | _hidden(request.states))
@@ -179,11 +182,18 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
         caps = hello.capabilities
         if caps.slots < 1 or caps.slots > 64:
             raise InvalidArgument("capabilities.slots must be in 1..64", field="hello.capabilities.slots")
+        standing = await self._core.db(self._core.store.standing, hello.miner_id)
+        if self._core.banned(standing):
+            raise PermissionDenied(
+                f"miner {hello.miner_id!r} is banned: {standing[1]} of its results were refused",
+                reason="MINER_BANNED",
+            )
         registered = await self._core.db(self._core.store.register_miner, hello.miner_id, key, payout)
         if registered != key:
             raise PermissionDenied(f"miner {hello.miner_id!r} is registered with another key", reason="KEY_MISMATCH")
         gpu = caps.accel == cpb.ACCEL_KIND_CUDA and len(caps.gpus) > 0
         return MinerSession(
+            reputation=reputation(*standing),
             miner_id=hello.miner_id,
             public_key=key,
             payout_address=payout,
@@ -202,6 +212,8 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
                     await core.heartbeat(session, req.heartbeat.draining, req.heartbeat.telemetry)
                 elif kind == "accepted":
                     await core.accepted(session, req.accepted.lease_id)
+                elif kind == "progress":
+                    core.progress(session, req.progress)
                 elif kind == "chunk":
                     core.chunk(session, req.chunk)
                 elif kind == "result":

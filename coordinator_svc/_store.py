@@ -53,7 +53,9 @@ CREATE TABLE IF NOT EXISTS miners (
     miner_id       TEXT PRIMARY KEY,
     public_key     BLOB NOT NULL,
     payout_address TEXT NOT NULL,
-    first_seen     TEXT NOT NULL
+    first_seen     TEXT NOT NULL,
+    accepted       INTEGER NOT NULL DEFAULT 0,
+    refused        INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS outbox (
     job_id       TEXT NOT NULL,
@@ -292,6 +294,19 @@ class JobStore:
                 db.execute("UPDATE miners SET payout_address = ? WHERE miner_id = ?", (payout_address, miner_id))
             return bytes(row[0])
 
+    def record_verdict(self, miner_id: str, accepted: bool) -> tuple[int, int]:
+        """Count a verdict on the miner's result; return (accepted, refused)."""
+        column = "accepted" if accepted else "refused"
+        with self._tx() as db:
+            db.execute(f"UPDATE miners SET {column} = {column} + 1 WHERE miner_id = ?", (miner_id,))
+            row = db.execute("SELECT accepted, refused FROM miners WHERE miner_id = ?", (miner_id,)).fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    def standing(self, miner_id: str) -> tuple[int, int]:
+        with self._read() as db:
+            row = db.execute("SELECT accepted, refused FROM miners WHERE miner_id = ?", (miner_id,)).fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
     def miner(self, miner_id: str) -> tuple[bytes, str] | None:
         with self._read() as db:
             row = db.execute("SELECT public_key, payout_address FROM miners WHERE miner_id = ?", (miner_id,)).fetchone()
@@ -345,7 +360,7 @@ class JobStore:
 
 class SqliteJobStore(SqliteStore, JobStore):
     SCHEMA = SCHEMA
-    SCHEMA_VERSION = 2
+    SCHEMA_VERSION = 3
 
     def close(self) -> None:
         SqliteStore.close(self)

@@ -26,6 +26,7 @@ OPTIONS = [
     Option("LEASE_SECS", float, 30.0, "lease length; heartbeats extend it"),
     Option("MAX_ATTEMPTS", int, 3, "dispatch attempts before a job fails"),
     Option("FEE_BPS", int, 500, "treasury fee, in basis points of the price"),
+    Option("BAN_AFTER", int, 3, "refused results after which a miner is banned"),
     Option("MATMUL_BASE_PRICE", int, 1000, "matmul: uait per job"),
     Option("MATMUL_UAIT_PER_GFLOP", int, 1000, "matmul: uait per GFLOP of the verified product"),
     Option("READY_FILE", str, "", "write the bound port here once serving"),

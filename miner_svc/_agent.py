@@ -202,6 +202,12 @@ class MinerAgent:
             self.on_welcome.clear()
             await channel.close()
 
+    def _progress(self, lease_id: str, fraction: float, message: str) -> None:
+        if self._out is not None:  # progress is news, not worth keeping for later
+            self._out.put_nowait(
+                cpb.ConnectRequest(progress=cpb.JobProgress(lease_id=lease_id, fraction=fraction, message=message))
+            )
+
     def _drop(self, lease_id: str, reason: str) -> None:
         task = self._running.pop(lease_id, None)
         if task:
@@ -295,7 +301,11 @@ class MinerAgent:
             async with self.pool.slot() as slot:
                 with self.nvml.energy_meter(slot.index) as meter:
                     outcome: RunOutcome = await slot.run(
-                        a.job_spec, self.config.device, str(job_dir / "output.bin"), max_runtime=self.config.max_runtime
+                        a.job_spec,
+                        self.config.device,
+                        str(job_dir / "output.bin"),
+                        max_runtime=self.config.max_runtime,
+                        on_progress=lambda fraction, message: self._progress(a.lease_id, fraction, message),
                     )
             if meter.joules:
                 outcome = dataclasses.replace(outcome, energy_joules=meter.joules)

@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 
+from miner_svc import _worker_progress
 from miner_svc._run_matmul import RunOutcome
 
 log = structlog.get_logger()
@@ -47,6 +48,7 @@ def run_job(spec_bytes: bytes, device: str, out_path: str) -> RunOutcome:
 
 
 def _worker_main(conn: Connection, env: dict[str, str], target: Callable[..., Any]) -> None:
+    _worker_progress.connection = conn
     os.environ.update(env)
     # The sidecar handles Ctrl-C and SIGTERM; a worker just works until told.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -90,31 +92,38 @@ class Slot:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    async def run(self, *args: Any, max_runtime: float) -> Any:
+    async def run(self, *args: Any, max_runtime: float, on_progress: Callable[[float, str], None] | None = None) -> Any:
         """Run target(*args) in the worker. Raises JobFailed with the reason
         on an exception, a crash or a timeout; on cancellation the worker is
-        killed at once."""
+        killed at once. Progress reports go to on_progress."""
         self.start()
         assert self._conn is not None
         conn = self._conn
         conn.send(args)
         loop = asyncio.get_running_loop()
-        try:
-            ready = await loop.run_in_executor(None, conn.poll, max_runtime)
-        except asyncio.CancelledError:
-            self.kill("cancelled")
-            raise
-        if not ready:
-            self.kill("timeout")
-            raise JobFailed(f"exceeded its max runtime of {max_runtime:g} s and was killed")
-        try:
-            status, value = conn.recv()
-        except (EOFError, OSError):
-            code = self._reap()
-            raise JobFailed(f"the worker process died (exit code {code})") from None
-        if status == "error":
-            raise JobFailed(str(value))
-        return value
+        deadline = loop.time() + max_runtime
+        while True:
+            try:
+                ready = await loop.run_in_executor(None, conn.poll, max(0.0, deadline - loop.time()))
+            except asyncio.CancelledError:
+                self.kill("cancelled")
+                raise
+            if not ready:
+                self.kill("timeout")
+                raise JobFailed(f"exceeded its max runtime of {max_runtime:g} s and was killed")
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                code = self._reap()
+                raise JobFailed(f"the worker process died (exit code {code})") from None
+            if msg[0] == "progress":
+                if on_progress is not None:
+                    on_progress(msg[1], msg[2])
+                continue
+            status, value = msg
+            if status == "error":
+                raise JobFailed(str(value))
+            return value
 
     def kill(self, why: str) -> None:
         if self._proc is None:

@@ -291,3 +291,18 @@ async def test_a_result_finished_while_the_coordinator_was_down_is_delivered_and
         assert '"event": "results_recovered"' in network.log("miner").read_text()
     finally:
         await clients.close()
+
+
+async def test_watchers_see_progress_while_the_job_runs(net: tuple[Network, Clients]) -> None:
+    network, clients = net
+    network.start_miner("miner")
+    job = await clients.submit(long_spec())
+    events = await clients.watch(job.job_id)
+    running = [e for e in events if e.state == cpb.JOB_STATE_RUNNING and e.progress > 0]
+    assert len(running) >= 2, [(cpb.JobState.Name(e.state), e.progress) for e in events]
+    fractions = [e.progress for e in running]
+    assert fractions == sorted(fractions) and 0 < fractions[0] < fractions[-1] <= 1
+    assert running[-1].progress_message.startswith("multiplication ") and running[-1].progress_message.endswith(
+        " of 60"
+    )
+    assert events[-1].state == cpb.JOB_STATE_SETTLED and events[-1].progress == 0

@@ -8,6 +8,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -345,7 +346,7 @@ async def test_a_refused_result_is_retried_on_another_miner_and_paid_once(networ
         await clients.close()
 
 
-async def test_settlements_wait_out_a_wallet_outage_and_pay_once(network: Network) -> None:
+async def test_settlements_wait_out_a_30_second_wallet_outage_and_pay_once(network: Network) -> None:
     network.start_wallet()
     network.start_coordinator("--lease-secs", "10")
     network.start_miner()
@@ -355,6 +356,7 @@ async def test_settlements_wait_out_a_wallet_outage_and_pay_once(network: Networ
         jobs = [await clients.submit(matmul_spec(n=16)) for _ in range(20)]
         wallet_port = network.ports["wallet"]
         network.stop("wallet", signal.SIGKILL)
+        down_at = time.monotonic()
 
         async def all_settling() -> None:
             for job in jobs:
@@ -363,7 +365,8 @@ async def test_settlements_wait_out_a_wallet_outage_and_pay_once(network: Networ
                 assert got.job.state == cpb.JOB_STATE_SETTLING, cpb.JobState.Name(got.job.state)
 
         await eventually(all_settling, timeout=60)
-        await asyncio.sleep(1.5)  # let the outbox fail and back off at least once
+        # The wallet stays down for 30 s: the outbox keeps failing and backs off.
+        await asyncio.sleep(max(0.0, 30 - (time.monotonic() - down_at)))
         network.start_wallet(port=wallet_port)
         await clients.wallet_channel.close()
         clients.wallet_channel = grpc.aio.insecure_channel(network.wallet_target)
@@ -373,5 +376,27 @@ async def test_settlements_wait_out_a_wallet_outage_and_pay_once(network: Networ
         paid = sum(f.miner_amount for f in finals)
         assert await clients.balance(network.ids["miner"].address) == (paid, 0)
         assert await clients.balance(network.ids["client"].address) == (10_000_000 - sum(f.price for f in finals), 0)
+    finally:
+        await clients.close()
+
+
+async def test_a_miner_caught_cheating_repeatedly_is_banned(network: Network) -> None:
+    network.start_wallet()
+    network.start_coordinator("--max-attempts", "1", "--ban-after", "2")
+    clients = Clients(network)
+    try:
+        await clients.mint("client", 1_000_000)
+        for _ in range(2):
+            cheater = asyncio.create_task(CheatingMiner(network, "wrong_c").run_one())
+            await asyncio.sleep(0.3)
+            job = await clients.submit(matmul_spec(n=16))
+            ack = await asyncio.wait_for(cheater, 60)
+            assert ack.verdict == cpb.VERDICT_BAD_OUTPUT
+            assert (await clients.watch(job.job_id))[-1].state == cpb.JOB_STATE_FAILED
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await CheatingMiner(network, "wrong_c").run_one()
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert error_reason(err.value) == "MINER_BANNED"
+        assert await clients.balance(network.ids["cheater"].address) == (0, 0)
     finally:
         await clients.close()
