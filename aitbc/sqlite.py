@@ -57,3 +57,15 @@ class SqliteStore:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+
+def postgres_schema(sqlite_schema: str) -> str:
+    """The same tables for PostgreSQL: one schema text serves both stores.
+    `id INTEGER PRIMARY KEY` (SQLite's rowid) becomes an identity column."""
+    return (
+        sqlite_schema.replace("INTEGER PRIMARY KEY,", "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,")
+        .replace("BLOB NOT NULL DEFAULT x''", "BYTEA NOT NULL DEFAULT ''::bytea")
+        .replace("BLOB", "BYTEA")
+        .replace("REAL", "DOUBLE PRECISION")
+        .replace("INTEGER", "BIGINT")
+    )

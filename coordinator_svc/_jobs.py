@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,7 +28,7 @@ import structlog
 
 from aitbc import crypto
 from aitbc.auth import Principal
-from aitbc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from aitbc.errors import AitbcError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from aitbc.signed import seal
 from aitbc.timeutil import ts_from_datetime, ts_now
 from aitbc.v1 import coordinator_pb2 as cpb
@@ -40,6 +41,7 @@ from coordinator_svc._wallet import WalletClient, WalletError
 
 log = structlog.get_logger()
 T = TypeVar("T")
+HOLD_SWEEP_SECS = 10.0
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,7 @@ class Coordinator:
         self._outbox_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._last_hold_sweep = time.monotonic()
         self._inflight: set[asyncio.Task[None]] = set()
         # job id -> (fraction, message) of running jobs whose miner is here.
         self.progress_of: dict[str, tuple[float, str]] = {}
@@ -289,15 +292,18 @@ class Coordinator:
                 reason="PRICE_ABOVE_MAX",
                 metadata={"price": str(price)},
             )
+        spec_bytes = spec.SerializeToString(deterministic=True)
+        prior = await self.db(self.store.get_by_request, caller.name, request_id)
+        if prior is not None:
+            prior = self._same_request(prior, spec_bytes)
+            # A retry after the wallet was unreachable finishes what the
+            # first attempt started.
+            return await self._confirm_hold(prior) if prior.state == st.HOLDING else prior
         deadline = 0.0
         if spec.HasField("deadline_time"):
             deadline = spec.deadline_time.ToNanoseconds() / 1e9
             if deadline <= time.time():
                 raise InvalidArgument("deadline_time is in the past", field="spec.deadline_time")
-        spec_bytes = spec.SerializeToString(deterministic=True)
-        prior = await self.db(self.store.get_by_request, caller.name, request_id)
-        if prior is not None:
-            return self._same_request(prior, spec_bytes)
         now = st.now_iso()
         rec = JobRecord(
             job_id=f"job_{int(time.time() * 1000):x}{secrets.token_hex(4)}",
@@ -821,10 +827,24 @@ class Coordinator:
 
     # -- leases -----------------------------------------------------------
 
+    async def _sweep_holding(self) -> None:
+        """Jobs whose hold the wallet never confirmed (it was unreachable and
+        the client did not retry): ask again, now and then."""
+        now = time.monotonic()
+        if now - self._last_hold_sweep < HOLD_SWEEP_SECS:
+            return
+        self._last_hold_sweep = now
+        cutoff = _utc(time.time() - HOLD_SWEEP_SECS).isoformat(timespec="microseconds")
+        for rec in await self.db(self.store.in_states, [st.HOLDING]):
+            if rec.update_time < cutoff:
+                with suppress(AitbcError):
+                    await self._confirm_hold(rec)
+
     async def _lease_loop(self) -> None:
         while True:
             await asyncio.sleep(min(1.0, self.settings.lease_secs / 4))
             try:
+                await self._sweep_holding()
                 expirable = [st.QUEUED, *st.LEASED]
                 for rec in await self.db(self.store.expired, time.time(), expirable):
                     await self._end(rec, expirable, st.EXPIRED, "deadline passed before a verified result")
@@ -931,7 +951,5 @@ def _parse_job_token(token: str) -> tuple[str, str] | None:
     return create_time, job_id
 
 
-def _utc(epoch: float) -> Any:
-    from datetime import UTC, datetime
-
+def _utc(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)

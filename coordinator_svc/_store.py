@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aitbc.sqlite import SqliteStore
+from aitbc.sqlite import SqliteStore, postgres_schema
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -366,15 +366,6 @@ class SqliteJobStore(SqliteStore, JobStore):
         SqliteStore.close(self)
 
 
-def _pg_schema() -> str:
-    return (
-        SCHEMA.replace("BLOB NOT NULL DEFAULT x''", "BYTEA NOT NULL DEFAULT ''::bytea")
-        .replace("BLOB", "BYTEA")
-        .replace("REAL", "DOUBLE PRECISION")
-        .replace("INTEGER", "BIGINT")
-    )
-
-
 class _PgDb:
     """psycopg behind the sqlite3 call shape the store logic uses."""
 
@@ -404,7 +395,7 @@ class PostgresJobStore(JobStore):
         self._conn = psycopg.connect(dsn, autocommit=True)
         with self._conn.transaction():
             self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.SCHEMA_LOCK,))
-            self._conn.execute(_pg_schema())
+            self._conn.execute(postgres_schema(SCHEMA))
         self._lock = threading.Lock()
         self._listener: threading.Thread | None = None
         self._stopped = threading.Event()

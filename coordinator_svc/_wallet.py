@@ -38,7 +38,11 @@ class WalletClient:
 
     async def _call(self, method: str, request: object) -> object:
         try:
-            return await getattr(self._stub, method)(request, metadata=self._md, timeout=CALL_TIMEOUT)
+            # wait_for_ready: a wallet that is restarting gets the whole
+            # deadline to come back instead of failing the call at once.
+            return await getattr(self._stub, method)(
+                request, metadata=self._md, timeout=CALL_TIMEOUT, wait_for_ready=True
+            )
         except grpc.aio.AioRpcError as err:
             raise WalletError(err.code(), error_reason(err), err.details() or "") from None
 

@@ -403,3 +403,25 @@ async def test_a_miner_caught_cheating_repeatedly_is_banned(network: Network) ->
         assert await clients.balance(network.ids["cheater"].address) == (0, 0)
     finally:
         await clients.close()
+
+
+async def test_a_submit_that_met_a_dead_wallet_completes_on_retry(network: Network) -> None:
+    network.start_wallet()
+    network.start_coordinator()
+    clients = Clients(network)
+    try:
+        await clients.mint("client", 1_000_000)
+        wallet_port = network.ports["wallet"]
+        network.stop("wallet", signal.SIGKILL)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await clients.submit(matmul_spec(n=16), request_id="patient")
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_reason(err.value) == "WALLET_UNAVAILABLE"
+        network.start_wallet(port=wallet_port)
+        job = await clients.submit(matmul_spec(n=16), request_id="patient")
+        assert job.state == cpb.JOB_STATE_QUEUED
+        network.start_miner()
+        final = (await clients.watch(job.job_id))[-1]
+        assert final.state == cpb.JOB_STATE_SETTLED
+    finally:
+        await clients.close()

@@ -27,7 +27,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from aitbc.sqlite import SqliteStore
+from aitbc.sqlite import SqliteStore, postgres_schema
 from wallet_svc._ledger import Tx
 
 T = TypeVar("T")
@@ -82,54 +82,7 @@ CREATE TABLE IF NOT EXISTS holds (
 );
 """
 
-PG_SCHEMA = """
-CREATE TABLE IF NOT EXISTS accounts (
-    address     TEXT PRIMARY KEY,
-    public_key  BYTEA NOT NULL UNIQUE,
-    create_time TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS balances (
-    address   TEXT PRIMARY KEY,
-    available BIGINT NOT NULL CHECK (available >= 0),
-    held      BIGINT NOT NULL CHECK (held >= 0)
-);
-CREATE TABLE IF NOT EXISTS supply (
-    id     INTEGER PRIMARY KEY CHECK (id = 1),
-    minted BIGINT NOT NULL CHECK (minted >= 0)
-);
-INSERT INTO supply(id, minted) VALUES (1, 0) ON CONFLICT(id) DO NOTHING;
-CREATE TABLE IF NOT EXISTS txns (
-    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    kind        TEXT NOT NULL,
-    job_id      TEXT,
-    request_id  TEXT UNIQUE,
-    body_sha256 BYTEA,
-    create_time TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS txns_by_job ON txns(job_id);
-CREATE TABLE IF NOT EXISTS postings (
-    txn_id       BIGINT NOT NULL REFERENCES txns(id),
-    address      TEXT NOT NULL,
-    bucket       TEXT NOT NULL CHECK (bucket IN ('available', 'held')),
-    amount       BIGINT NOT NULL,
-    counterparty TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS postings_by_address ON postings(address, txn_id);
-CREATE INDEX IF NOT EXISTS postings_by_txn ON postings(txn_id);
-CREATE TABLE IF NOT EXISTS holds (
-    job_id            TEXT PRIMARY KEY,
-    address           TEXT NOT NULL,
-    amount            BIGINT NOT NULL CHECK (amount > 0),
-    state             TEXT NOT NULL,
-    miner_address     TEXT,
-    miner_amount      BIGINT NOT NULL DEFAULT 0,
-    fee_amount        BIGINT NOT NULL DEFAULT 0,
-    refunded_amount   BIGINT NOT NULL DEFAULT 0,
-    settlement_sha256 BYTEA,
-    create_time       TEXT NOT NULL,
-    close_time        TEXT
-);
-"""
+PG_SCHEMA = postgres_schema(SQLITE_SCHEMA)
 
 
 class LedgerStore:
