@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--var-dir", type=Path, default=Path("var"))
     ap.add_argument("--coord-port", type=int, default=int(os.environ.get("AITBC_DEVNET_COORD_PORT", 50051)))
     ap.add_argument("--wallet-port", type=int, default=int(os.environ.get("AITBC_DEVNET_WALLET_PORT", 50052)))
+    ap.add_argument("--miner-admin-port", type=int, default=50061)
     ap.add_argument("--log-dir", type=Path, help="write each service's log to a file here")
     ap.add_argument("--lease-secs", type=float, default=30.0)
     args = ap.parse_args(argv)
@@ -224,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                 str(var / "miner"),
                 "--wallet-addr",
                 facts["miner_address"],
+                "--admin-port",
+                str(args.miner_admin_port),
                 "--ready-file",
                 str(run / "miner.ready"),
             ],
@@ -270,6 +273,9 @@ Try, in another terminal (grpcurl ships in .venv/bin):
     {w} aitbc.v1.WalletService/GetBalance
   grpcurl -plaintext -H "authorization: Bearer $CLIENT_TOKEN" -d "{{\\"address\\":\\"$MINER_ADDRESS\\"}}" \\
     {w} aitbc.v1.WalletService/GetBalance
+
+The miner's own view (GPUs, jobs, earnings):
+  AITBC_MINER_API_KEY=$MINER_TOKEN python -m miner_svc status
 
 Ctrl-C stops all three.
 """

@@ -147,6 +147,8 @@ class Network:
                 ident.address,
                 "--accel-mode",
                 "cpu",
+                "--admin-port",
+                "0",
                 "--ready-file",
                 str(ready),
             ],

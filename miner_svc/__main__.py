@@ -1,5 +1,6 @@
 """python -m miner_svc [run] [flags]: the miner sidecar.
 python -m miner_svc doctor [flags]: check this host and say what to fix.
+python -m miner_svc status [flags]: the running sidecar's GPUs, jobs, earnings.
 
 Reads the seed guide's env-style config (--config or AITBC_CONFIG, e.g.
 /etc/aitbc/miner.conf); the environment and flags override it."""
@@ -20,6 +21,7 @@ from aitbc.crypto import KeyPair, load_or_create_key
 from aitbc.errors import InvalidArgument
 from aitbc.logs import setup_logging
 from aitbc.server import write_ready_file
+from miner_svc._admin import build_admin
 from miner_svc._agent import FatalMinerError, MinerAgent, MinerConfig, ensure_dir
 from miner_svc._gpu import inventory
 from miner_svc._worker import Slot, SlotPool
@@ -38,14 +40,15 @@ OPTIONS = [
     cfg.Option("KEY_FILE", Path, None, "Ed25519 receipt key (default WORK_DIR/miner.key)", bare_env=True),
     cfg.Option("MAX_RUNTIME_SECS", float, 3600.0, "a job running longer is killed and reported failed", bare_env=True),
     cfg.Option("DRAIN_SECS", float, 60.0, "on SIGTERM, how long running jobs may finish", bare_env=True),
-    cfg.Option("READY_FILE", str, "", "touched once connected (for supervisors and tests)"),
+    cfg.Option("ADMIN_PORT", int, 50061, "loopback port of the admin API (GetStatus, Drain); 0 picks one"),
+    cfg.Option("READY_FILE", str, "", "written (with the admin port) once connected, for supervisors and tests"),
     cfg.Option("LOG_LEVEL", str, "info", "debug, info, warning or error"),
 ]
 
 
 def main(argv: list[str]) -> int:
     command = "run"
-    if argv and argv[0] in ("run", "doctor"):
+    if argv and argv[0] in ("run", "doctor", "status"):
         command, argv = argv[0], argv[1:]
     conf = cfg.load(OPTIONS, prog=f"miner_svc {command}", argv=argv, env_prefix="AITBC_MINER_")
     setup_logging("miner", conf["LOG_LEVEL"] if command == "run" else "warning")
@@ -53,6 +56,10 @@ def main(argv: list[str]) -> int:
         from miner_svc._doctor import doctor
 
         return doctor(conf)
+    if command == "status":
+        from miner_svc._status import status
+
+        return status(conf["ADMIN_PORT"], conf["API_KEY"])
     mode = conf["ACCEL_MODE"].lower()
     if mode not in ("auto", "gpu", "cpu"):
         raise SystemExit(f"ACCEL_MODE must be auto, gpu or cpu, not {mode!r}")
@@ -96,10 +103,10 @@ def main(argv: list[str]) -> int:
         payout_address=payout,
         public_key=key.public_key.hex(),
     )
-    return asyncio.run(serve(config, key, conf["READY_FILE"], conf["DRAIN_SECS"]))
+    return asyncio.run(serve(config, key, conf["READY_FILE"], conf["DRAIN_SECS"], conf["ADMIN_PORT"]))
 
 
-async def serve(config: MinerConfig, key: KeyPair, ready_file: str, drain_secs: float) -> int:
+async def serve(config: MinerConfig, key: KeyPair, ready_file: str, drain_secs: float, admin_port: int) -> int:
     if config.device == "cuda":
         # One slot per GPU, each worker seeing only its own.
         slots = [Slot(i, {"CUDA_VISIBLE_DEVICES": config.gpus[i].uuid}) for i in range(config.slots)]
@@ -115,9 +122,13 @@ async def serve(config: MinerConfig, key: KeyPair, ready_file: str, drain_secs: 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, terminate.set)
 
+    admin = build_admin(agent, terminate, config.api_key, admin_port)
+    await admin.start()
+    log.info("admin_listening", port=admin.port)
+
     async def announce_ready() -> None:
         await agent.on_welcome.wait()
-        write_ready_file(ready_file, 0)
+        write_ready_file(ready_file, admin.port)
 
     async def drain_on_signal() -> None:
         await terminate.wait()
@@ -134,6 +145,7 @@ async def serve(config: MinerConfig, key: KeyPair, ready_file: str, drain_secs: 
     finally:
         ready.cancel()
         drainer.cancel()
+        await admin.stop(1.0)
         pool.shutdown()
         agent.nvml.close()
     log.info("miner_stopped", earned_uait=agent.earned)

@@ -73,6 +73,9 @@ class MinerAgent:
         self._uploads: set[asyncio.Task[None]] = set()
         self._welcomed = False
         self.draining = False
+        self.start_time = ts_now()
+        self.job_of: dict[str, str] = {}  # lease -> job, for the admin API
+        self.progress_of: dict[str, float] = {}
 
     def hello(self) -> cpb.MinerHello:
         c = self.config
@@ -202,7 +205,21 @@ class MinerAgent:
             self.on_welcome.clear()
             await channel.close()
 
+    @property
+    def connected(self) -> bool:
+        return self._out is not None
+
+    def running_leases(self) -> list[str]:
+        return list(self._running)
+
+    def finished_leases(self) -> list[str]:
+        return list(self._finished)
+
+    def heartbeat_message(self) -> cpb.ConnectRequest:
+        return self._heartbeat()
+
     def _progress(self, lease_id: str, fraction: float, message: str) -> None:
+        self.progress_of[lease_id] = fraction
         if self._out is not None:  # progress is news, not worth keeping for later
             self._out.put_nowait(
                 cpb.ConnectRequest(progress=cpb.JobProgress(lease_id=lease_id, fraction=fraction, message=message))
@@ -232,6 +249,8 @@ class MinerAgent:
 
     def _forget(self, lease_id: str) -> None:
         self._finished.pop(lease_id, None)
+        self.job_of.pop(lease_id, None)
+        self.progress_of.pop(lease_id, None)
         path = self._outputs.pop(lease_id, None)
         if path is not None:
             shutil.rmtree(path.parent, ignore_errors=True)
@@ -292,6 +311,7 @@ class MinerAgent:
 
     async def _run(self, a: cpb.Assignment) -> None:
         structlog.contextvars.bind_contextvars(job_id=a.job_id, lease_id=a.lease_id)
+        self.job_of[a.lease_id] = a.job_id
         job_dir = self.config.work_dir / "jobs" / a.lease_id
         try:
             if self._out is not None:

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import grpc
+
 from aitbc.config import parse_env_file
 from aitbc.localnet import ROOT, Network
+from aitbc.v1 import coordinator_pb2 as cpb
+from aitbc.v1 import miner_pb2, miner_pb2_grpc
 from miner_svc.__main__ import OPTIONS
+from tests.test_coordinator import long_spec, running_on
+from tests.test_e2e import Clients
 
 DEPLOY = ROOT / "deploy"
 
@@ -81,3 +88,44 @@ def test_doctor_says_what_to_fix(tmp_path: Path) -> None:
         "FAIL coordinator 127.0.0.1:1 does not answer",
     ):
         assert expected in out.stdout, (expected, out.stdout)
+
+
+async def test_status_shows_the_running_job_and_drain_stops_the_sidecar(network: Network) -> None:
+    network.start_wallet()
+    network.start_coordinator("--heartbeat-secs", "0.5")
+    network.start_miner("miner")
+    admin_port = network.ports["miner"]
+    clients = Clients(network)
+    try:
+        await clients.mint("client", 100_000_000)
+        job = await clients.submit(long_spec())
+        await running_on(clients, job.job_id, "miner-1")
+        token = network.ids["miner"].token
+        out = await asyncio.to_thread(doctor_like, "status", "--admin-port", str(admin_port), token=token)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "miner       miner-1  (cpu, 1 slot)" in out.stdout
+        assert "connected" in out.stdout and "gpus        none (CPU mode)" in out.stdout
+        assert f"job         {job.job_id}  running" in out.stdout
+        wrong = await asyncio.to_thread(doctor_like, "status", "--admin-port", str(admin_port), token="not-it")
+        assert wrong.returncode == 1 and "UNAUTHENTICATED" in wrong.stdout
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{admin_port}") as ch:
+            drained = await miner_pb2_grpc.MinerAdminServiceStub(ch).Drain(
+                miner_pb2.DrainRequest(), metadata=(("authorization", f"Bearer {token}"),)
+            )
+        assert drained.running == 1
+        assert await asyncio.to_thread(network.procs["miner"].wait, 60) == 0
+        final = (await clients.watch(job.job_id))[-1]
+        assert final.state == cpb.JOB_STATE_SETTLED
+    finally:
+        await clients.close()
+
+
+def doctor_like(*args: str, token: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "miner_svc", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "AITBC_MINER_API_KEY": token},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
