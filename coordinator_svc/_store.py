@@ -307,11 +307,6 @@ class JobStore:
             row = db.execute("SELECT accepted, refused FROM miners WHERE miner_id = ?", (miner_id,)).fetchone()
         return (int(row[0]), int(row[1])) if row else (0, 0)
 
-    def miner(self, miner_id: str) -> tuple[bytes, str] | None:
-        with self._read() as db:
-            row = db.execute("SELECT public_key, payout_address FROM miners WHERE miner_id = ?", (miner_id,)).fetchone()
-        return (bytes(row[0]), row[1]) if row else None
-
     # -- outbox ----------------------------------------------------------
 
     def due_outbox(self, now: float, limit: int = 100) -> list[OutboxItem]:
@@ -352,10 +347,6 @@ class JobStore:
             if new is not None:
                 self._notify(db, new)
             return new
-
-    def pending_outbox_count(self) -> int:
-        with self._read() as db:
-            return int(db.execute("SELECT COUNT(*) FROM outbox WHERE done = 0").fetchone()[0])
 
 
 class SqliteJobStore(SqliteStore, JobStore):
