@@ -26,6 +26,7 @@ from aitbc.errors import InvalidArgument
 RECEIPT_DOMAIN = "aitbc/receipt/v1"
 SETTLEMENT_DOMAIN = "aitbc/settlement/v1"
 TRANSFER_DOMAIN = "aitbc/transfer/v1"
+KEY_ROTATION_DOMAIN = "aitbc/key-rotation/v1"
 
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64

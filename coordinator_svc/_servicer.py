@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -12,9 +13,10 @@ from aitbc import crypto
 from aitbc.addresses import check_address
 from aitbc.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from aitbc.server import principal
+from aitbc.signed import open_signed
 from aitbc.timeutil import duration, ts_from_iso
 from aitbc.v1 import coordinator_pb2 as cpb
-from aitbc.v1 import coordinator_pb2_grpc
+from aitbc.v1 import coordinator_pb2_grpc, signing_pb2
 from coordinator_svc import _store as st
 from coordinator_svc._jobs import Coordinator, MinerSession, reputation
 from coordinator_svc._store import JobRecord
@@ -168,6 +170,29 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
             task = asyncio.create_task(self._core.miner_left(session, reason))
             self._cleanup.add(task)
             task.add_done_callback(self._cleanup.discard)
+
+    async def RotateKey(
+        self, request: cpb.RotateKeyRequest, context: grpc.aio.ServicerContext
+    ) -> cpb.RotateKeyResponse:
+        caller = principal()
+        body = open_signed(request.rotation, crypto.KEY_ROTATION_DOMAIN, None, signing_pb2.KeyRotationBody)
+        if body.network_id != self._core.settings.network_id:
+            raise FailedPrecondition("the rotation names another network", reason="WRONG_NETWORK")
+        if not body.miner_id or (caller.miner_id and body.miner_id != caller.miner_id):
+            raise PermissionDenied("this token does not speak for that miner", reason="MINER_ID_MISMATCH")
+        new_key = crypto.check_public_key(body.new_public_key, field="rotation.new_public_key")
+        if not crypto.verify(crypto.KEY_ROTATION_DOMAIN, request.rotation.body, request.new_key_signature, new_key):
+            raise InvalidArgument("the new key did not sign the rotation", field="new_key_signature",
+                                  reason="BAD_SIGNATURE")  # fmt: skip
+        age = abs(time.time() - body.create_time.ToNanoseconds() / 1e9)
+        if age > 300:
+            raise FailedPrecondition("the rotation is more than 5 minutes old or early", reason="STALE_ROTATION")
+        old_key = request.rotation.public_key
+        rotated = await self._core.db(self._core.store.rotate_miner_key, body.miner_id, old_key, new_key)
+        if not rotated:
+            raise PermissionDenied("the rotation is not signed by the miner's current key", reason="KEY_MISMATCH")
+        log.info("miner_key_rotated", miner_id=body.miner_id, new_key=new_key.hex(), audit=True)
+        return cpb.RotateKeyResponse(public_key=new_key)
 
     async def _register(self, token_miner_id: str, token_address: str, hello: cpb.MinerHello) -> MinerSession:
         if not hello.miner_id or len(hello.miner_id) > 128:

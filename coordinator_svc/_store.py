@@ -294,6 +294,14 @@ class JobStore:
                 db.execute("UPDATE miners SET payout_address = ? WHERE miner_id = ?", (payout_address, miner_id))
             return bytes(row[0])
 
+    def rotate_miner_key(self, miner_id: str, old: bytes, new: bytes) -> bool:
+        """Compare-and-set the miner's key; False if `old` is not current."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE miners SET public_key = ? WHERE miner_id = ? AND public_key = ?", (new, miner_id, old)
+            )
+            return int(cur.rowcount) == 1
+
     def record_verdict(self, miner_id: str, accepted: bool) -> tuple[int, int]:
         """Count a verdict on the miner's result; return (accepted, refused)."""
         column = "accepted" if accepted else "refused"

@@ -1,6 +1,7 @@
 """python -m miner_svc [run] [flags]: the miner sidecar.
 python -m miner_svc doctor [flags]: check this host and say what to fix.
 python -m miner_svc status [flags]: the running sidecar's GPUs, jobs, earnings.
+python -m miner_svc rotate-key [flags]: a new receipt key, registered under the old one.
 
 Reads the seed guide's env-style config (--config or AITBC_CONFIG, e.g.
 /etc/aitbc/miner.conf); the environment and flags override it."""
@@ -40,6 +41,7 @@ OPTIONS = [
     cfg.Option("KEY_FILE", Path, None, "Ed25519 receipt key (default WORK_DIR/miner.key)", bare_env=True),
     cfg.Option("MAX_RUNTIME_SECS", float, 3600.0, "a job running longer is killed and reported failed", bare_env=True),
     cfg.Option("DRAIN_SECS", float, 60.0, "on SIGTERM, how long running jobs may finish", bare_env=True),
+    cfg.Option("NETWORK_ID", str, "aitbc-devnet", "network the coordinator serves (for rotate-key)"),
     cfg.Option("ADMIN_PORT", int, 50061, "loopback port of the admin API (GetStatus, Drain); 0 picks one"),
     cfg.Option("READY_FILE", str, "", "written (with the admin port) once connected, for supervisors and tests"),
     cfg.Option("LOG_LEVEL", str, "info", "debug, info, warning or error"),
@@ -48,7 +50,7 @@ OPTIONS = [
 
 def main(argv: list[str]) -> int:
     command = "run"
-    if argv and argv[0] in ("run", "doctor", "status"):
+    if argv and argv[0] in ("run", "doctor", "status", "rotate-key"):
         command, argv = argv[0], argv[1:]
     conf = cfg.load(OPTIONS, prog=f"miner_svc {command}", argv=argv, env_prefix="AITBC_MINER_")
     setup_logging("miner", conf["LOG_LEVEL"] if command == "run" else "warning")
@@ -56,6 +58,10 @@ def main(argv: list[str]) -> int:
         from miner_svc._doctor import doctor
 
         return doctor(conf)
+    if command == "rotate-key":
+        from miner_svc._rotate import rotate_key
+
+        return rotate_key(conf)
     if command == "status":
         from miner_svc._status import status
 

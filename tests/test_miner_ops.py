@@ -10,14 +10,19 @@ import sys
 from pathlib import Path
 
 import grpc
+import pytest
 
 from aitbc.config import parse_env_file
+from aitbc.crypto import KEY_ROTATION_DOMAIN, KeyPair
 from aitbc.localnet import ROOT, Network
+from aitbc.rpc import error_reason
+from aitbc.signed import seal
+from aitbc.timeutil import ts_now
 from aitbc.v1 import coordinator_pb2 as cpb
-from aitbc.v1 import miner_pb2, miner_pb2_grpc
+from aitbc.v1 import coordinator_pb2_grpc, miner_pb2, miner_pb2_grpc, signing_pb2
 from miner_svc.__main__ import OPTIONS
 from tests.test_coordinator import long_spec, running_on
-from tests.test_e2e import Clients
+from tests.test_e2e import Clients, matmul_spec
 
 DEPLOY = ROOT / "deploy"
 
@@ -129,3 +134,49 @@ def doctor_like(*args: str, token: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
     )
+
+
+async def test_rotate_key_registers_the_new_key_under_the_old_one(network: Network) -> None:
+    network.start_wallet()
+    network.start_coordinator()
+    network.start_miner("miner")
+    clients = Clients(network)
+    token = network.ids["miner"].token
+    key_file = network.root / "miner" / "miner.key"
+    rotate = ["rotate-key", "--coord-url", network.coord_target, "--miner-id", "miner-1",
+              "--work-dir", str(network.root / "miner")]  # fmt: skip
+    try:
+        await clients.mint("client", 1_000_000)
+        first = (await clients.watch((await clients.submit(matmul_spec(n=16))).job_id))[-1]
+        old_key = first.receipt.public_key
+        busy = await asyncio.to_thread(doctor_like, *rotate, "--admin-port", str(network.ports["miner"]), token=token)
+        assert busy.returncode == 1 and "stop it first" in busy.stdout
+        network.stop("miner")
+        out = await asyncio.to_thread(doctor_like, *rotate, token=token)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert key_file.read_text() != "" and list(key_file.parent.glob("miner.key.old-*"))
+        network.start_miner("miner")
+        second = (await clients.watch((await clients.submit(matmul_spec(n=16))).job_id))[-1]
+        assert second.state == cpb.JOB_STATE_SETTLED
+        assert second.receipt.public_key != old_key
+        assert second.receipt.public_key.hex() in out.stdout
+
+        # A rotation not signed by the current key changes nothing.
+        impostor, fresh = KeyPair.generate(), KeyPair.generate()
+        body = signing_pb2.KeyRotationBody(
+            network_id="aitbc-devnet", miner_id="miner-1", new_public_key=fresh.public_key, create_time=ts_now(),
+            nonce=b"0123456789abcdef",
+        )  # fmt: skip
+        signed = seal(body, KEY_ROTATION_DOMAIN, impostor)
+        async with grpc.aio.insecure_channel(network.coord_target) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await coordinator_pb2_grpc.MinerGatewayServiceStub(ch).RotateKey(
+                    cpb.RotateKeyRequest(
+                        rotation=signed, new_key_signature=fresh.sign(KEY_ROTATION_DOMAIN, signed.body)
+                    ),
+                    metadata=(("authorization", f"Bearer {token}"),),
+                )
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert error_reason(err.value) == "KEY_MISMATCH"
+    finally:
+        await clients.close()

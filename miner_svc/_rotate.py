@@ -1,0 +1,73 @@
+"""`python -m miner_svc rotate-key`: replace the receipt key, registering the
+new one with the coordinator under the old one's signature."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from aitbc import crypto
+from aitbc.auth import auth_metadata
+from aitbc.rpc import error_reason, insecure_channel
+from aitbc.signed import seal
+from aitbc.timeutil import ts_now
+from aitbc.v1 import coordinator_pb2 as cpb
+from aitbc.v1 import coordinator_pb2_grpc, miner_pb2, miner_pb2_grpc, signing_pb2
+
+
+async def _sidecar_running(admin_port: int, api_key: str) -> bool:
+    async with insecure_channel(f"127.0.0.1:{admin_port}") as ch:
+        try:
+            await miner_pb2_grpc.MinerAdminServiceStub(ch).GetStatus(
+                miner_pb2.GetStatusRequest(), metadata=auth_metadata(api_key), timeout=1
+            )
+        except grpc.aio.AioRpcError as err:
+            return err.code() != grpc.StatusCode.UNAVAILABLE and err.code() != grpc.StatusCode.DEADLINE_EXCEEDED
+    return True
+
+
+def rotate_key(conf: dict[str, Any]) -> int:
+    key_path = Path(conf["KEY_FILE"] or Path(conf["WORK_DIR"]) / "miner.key")
+    if not key_path.exists():
+        print(f"no key at {key_path} yet: the sidecar makes one on its first start")
+        return 1
+    if asyncio.run(_sidecar_running(conf["ADMIN_PORT"], conf["API_KEY"])):
+        print("the sidecar is running and signs with the current key: stop it first (systemctl stop aitbc-miner)")
+        return 1
+    old = crypto.load_or_create_key(key_path)
+    new = crypto.KeyPair.generate()
+    body = signing_pb2.KeyRotationBody(
+        network_id=conf["NETWORK_ID"], miner_id=conf["MINER_ID"], new_public_key=new.public_key,
+        create_time=ts_now(), nonce=secrets.token_bytes(16),
+    )  # fmt: skip
+    signed = seal(body, crypto.KEY_ROTATION_DOMAIN, old)
+    request = cpb.RotateKeyRequest(rotation=signed, new_key_signature=new.sign(crypto.KEY_ROTATION_DOMAIN, signed.body))
+    pending = key_path.with_name(key_path.name + ".new")
+    fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:  # on disk before the coordinator knows it
+        f.write(new.seed.hex() + "\n")
+
+    async def call() -> cpb.RotateKeyResponse:
+        async with insecure_channel(conf["COORD_URL"]) as ch:
+            stub = coordinator_pb2_grpc.MinerGatewayServiceStub(ch)
+            resp: cpb.RotateKeyResponse = await stub.RotateKey(
+                request, metadata=auth_metadata(conf["API_KEY"]), timeout=10
+            )
+            return resp
+
+    try:
+        asyncio.run(call())
+    except grpc.aio.AioRpcError as err:
+        pending.unlink(missing_ok=True)
+        print(f"the coordinator refused the new key: {err.code().name} {error_reason(err)}: {err.details()}")
+        return 1
+    key_path.rename(key_path.with_name(f"{key_path.name}.old-{int(time.time())}"))
+    pending.rename(key_path)
+    print(f"rotated: {key_path} now holds {new.public_key.hex()}; the old key is kept beside it")
+    return 0
