@@ -118,9 +118,16 @@ def load_or_create_key(path: Path) -> KeyPair:
         if len(seed) != 32:
             raise ValueError(f"key file {path} does not hold a 32-byte hex seed")
         return KeyPair(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = KeyPair.generate()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    save_key(path, key, exclusive=True)
+    return key
+
+
+def save_key(path: Path, key: KeyPair, *, exclusive: bool = False) -> None:
+    """Write a key file readable by its owner only (mode 0600 from the start,
+    never briefly world-readable). exclusive: fail if it exists."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(key.seed.hex() + "\n")
-    return key

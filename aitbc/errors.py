@@ -72,9 +72,3 @@ class ResourceExhausted(AitbcError):
 class Unavailable(AitbcError):
     code = "UNAVAILABLE"
     reason = "UNAVAILABLE"
-
-
-def require(condition: bool, message: str, *, field: str, reason: str = "INVALID_ARGUMENT") -> None:
-    """Raise InvalidArgument naming `field` unless `condition` holds."""
-    if not condition:
-        raise InvalidArgument(message, field=field, reason=reason)

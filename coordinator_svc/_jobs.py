@@ -550,34 +550,30 @@ class Coordinator:
         verdict: str = "",
         refused_miners: str | None = None,
     ) -> JobRecord | None:
-        extra: dict[str, str] = {"verdict": verdict} if verdict else {}
+        failed = rec.attempts >= self.settings.max_attempts
+        if failed:
+            changes: dict[str, Any] = {
+                "state": st.FAILED,
+                "status_detail": f"failed after {rec.attempts} attempt(s): {reason}",
+                "outbox": ("release", reason.encode()),
+            }
+        else:
+            changes = {"state": st.QUEUED, "lease_deadline": 0.0, "status_detail": f"requeued: {reason}"}
+        if verdict:
+            changes["verdict"] = verdict
         if refused_miners is not None:
-            extra["refused_miners"] = refused_miners
-        if rec.attempts >= self.settings.max_attempts:
-            new = await self.db(
-                self.store.transition,
-                rec.job_id,
-                from_states=from_states,
-                expect_lease=expect_lease,
-                state=st.FAILED,
-                lease_id="",
-                status_detail=f"failed after {rec.attempts} attempt(s): {reason}",
-                outbox=("release", reason.encode()),
-                **extra,
-            )
+            changes["refused_miners"] = refused_miners
+        new = await self.db(
+            self.store.transition,
+            rec.job_id,
+            from_states=from_states,
+            expect_lease=expect_lease,
+            lease_id="",
+            **changes,
+        )
+        if failed:
             self._outbox_wake.set()
         else:
-            new = await self.db(
-                self.store.transition,
-                rec.job_id,
-                from_states=from_states,
-                expect_lease=expect_lease,
-                state=st.QUEUED,
-                lease_id="",
-                lease_deadline=0.0,
-                status_detail=f"requeued: {reason}",
-                **extra,
-            )
             self.wake()
         self._publish(new)
         return new
@@ -592,7 +588,7 @@ class Coordinator:
         self.sessions[session.miner_id] = session
         # Leases the miner held before (a reconnect): keep them on the new
         # session so its results are accepted.
-        held = [r for r in await self.db(self.store.in_states, st.LEASED) if r.miner_id == session.miner_id]
+        held = await self.db(self.store.leased_by, session.miner_id)
         for rec in held:
             if rec.lease_id in in_flight:
                 workload, params = workload_of(cpb.JobSpec.FromString(rec.spec))

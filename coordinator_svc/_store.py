@@ -230,6 +230,11 @@ class JobStore:
             ).fetchall()
         return [JobRecord(*r) for r in rows]
 
+    def leased_by(self, miner_id: str) -> list[JobRecord]:
+        with self._read() as db:
+            rows = db.execute(f"{_SELECT} WHERE miner_id = ? AND state IN (?, ?)", (miner_id, *LEASED)).fetchall()
+        return [JobRecord(*r) for r in rows]
+
     def lapsed_leases(self, now: float) -> list[JobRecord]:
         with self._read() as db:
             rows = db.execute(f"{_SELECT} WHERE state IN (?, ?) AND lease_deadline < ?", (*LEASED, now)).fetchall()

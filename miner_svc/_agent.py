@@ -163,7 +163,9 @@ class MinerAgent:
                     kind = msg.WhichOneof("msg")
                     if kind == "welcome":
                         self.network_id = msg.welcome.network_id
-                        interval = msg.welcome.heartbeat_interval.ToTimedelta().total_seconds() or 5.0
+                        interval = (
+                            msg.welcome.heartbeat_interval.ToTimedelta().total_seconds() or self.config.heartbeat_secs
+                        )
                         heartbeat = asyncio.create_task(self._heartbeats(out, interval))
                         log.info("connected", session_id=msg.welcome.session_id, network_id=self.network_id)
                         self._out = out

@@ -4,7 +4,6 @@ new one with the coordinator under the old one's signature."""
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import time
 from pathlib import Path
@@ -49,9 +48,7 @@ def rotate_key(conf: dict[str, Any]) -> int:
     signed = seal(body, crypto.KEY_ROTATION_DOMAIN, old)
     request = cpb.RotateKeyRequest(rotation=signed, new_key_signature=new.sign(crypto.KEY_ROTATION_DOMAIN, signed.body))
     pending = key_path.with_name(key_path.name + ".new")
-    fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:  # on disk before the coordinator knows it
-        f.write(new.seed.hex() + "\n")
+    crypto.save_key(pending, new)  # on disk before the coordinator knows it
 
     async def call() -> cpb.RotateKeyResponse:
         async with insecure_channel(conf["COORD_URL"]) as ch:

@@ -173,11 +173,7 @@ class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
     ) -> wallet_pb2.TransferResponse:
         signed = request.transfer
         body = open_signed(signed, crypto.TRANSFER_DOMAIN, None, signing_pb2.TransferBody)
-        if body.network_id != self._network_id:
-            raise FailedPrecondition(
-                f"transfer is for network {body.network_id!r}, this wallet serves {self._network_id!r}",
-                reason="WRONG_NETWORK",
-            )
+        self._check_network("transfer", body.network_id)
         check_address(body.from_address, field="transfer.from_address")
         check_address(body.to_address, field="transfer.to_address")
         if address_of(crypto.check_public_key(signed.public_key, field="transfer.public_key")) != body.from_address:
@@ -208,13 +204,16 @@ class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
             next_page_token=_page_token(page[-1].txn_id) if more else "",
         )
 
-    def _open_settlement(self, signed: signing_pb2.Signed) -> Settlement:
-        body = open_signed(signed, crypto.SETTLEMENT_DOMAIN, self._coordinator_key, signing_pb2.SettlementBody)
-        if body.network_id != self._network_id:
+    def _check_network(self, what: str, network_id: str) -> None:
+        if network_id != self._network_id:
             raise FailedPrecondition(
-                f"settlement is for network {body.network_id!r}, this wallet serves {self._network_id!r}",
+                f"{what} is for network {network_id!r}, this wallet serves {self._network_id!r}",
                 reason="WRONG_NETWORK",
             )
+
+    def _open_settlement(self, signed: signing_pb2.Signed) -> Settlement:
+        body = open_signed(signed, crypto.SETTLEMENT_DOMAIN, self._coordinator_key, signing_pb2.SettlementBody)
+        self._check_network("settlement", body.network_id)
         check_address(body.client_address, field="settlement.client_address")
         check_address(body.miner_address, field="settlement.miner_address")
         return Settlement(
