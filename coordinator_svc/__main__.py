@@ -13,7 +13,7 @@ from aitbc.crypto import load_or_create_key
 from aitbc.logs import setup_logging
 from aitbc.server import wait_for_shutdown_signal, write_ready_file
 from aitbc.sqlite import SchemaMismatch
-from coordinator_svc._jobs import Coordinator, Settings
+from coordinator_svc._jobs import Coordinator, Settings, parse_prices
 from coordinator_svc._store import open_job_store
 from coordinator_svc._wallet import WalletClient
 from coordinator_svc.server import OPTIONS, CoordinatorDeps, build_server
@@ -30,6 +30,10 @@ def main(argv: list[str]) -> int:
 
 
 async def serve(conf: dict) -> int:
+    try:
+        prices = parse_prices(conf["PRICES"])
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     settings = Settings(
         network_id=conf["NETWORK_ID"],
         heartbeat_secs=conf["HEARTBEAT_SECS"],
@@ -37,8 +41,7 @@ async def serve(conf: dict) -> int:
         max_attempts=conf["MAX_ATTEMPTS"],
         fee_bps=conf["FEE_BPS"],
         ban_after=conf["BAN_AFTER"],
-        matmul_base_price=conf["MATMUL_BASE_PRICE"],
-        matmul_uait_per_gflop=conf["MATMUL_UAIT_PER_GFLOP"],
+        prices=prices,
     )
     try:
         store = open_job_store(conf["DB"])

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
+import json
 import random
 import secrets
 import time
@@ -33,15 +35,56 @@ from aitbc.signed import seal
 from aitbc.timeutil import ts_from_datetime, ts_now
 from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import signing_pb2
-from aitbc.workloads.registry import workload_of
+from aitbc.workloads.registry import WORKLOADS, policy_of, workload_of
 from coordinator_svc import _store as st
 from coordinator_svc._store import JobRecord, JobStore
-from coordinator_svc._verify import ACCEPTED, check_result
+from coordinator_svc._verify import ACCEPTED, DISAGREED, PENDING, check_result
 from coordinator_svc._wallet import WalletClient, WalletError
 
 log = structlog.get_logger()
 T = TypeVar("T")
 HOLD_SWEEP_SECS = 10.0
+# uait per run, and per unit: MFLOP (matmul), token (llm_gen), text (embed),
+# kilopixel-step (sd_infer).
+DEFAULT_PRICES = {"matmul": (1000, 1), "llm_gen": (1000, 10), "embed": (500, 100), "sd_infer": (2000, 1)}
+
+
+def parse_prices(text: str) -> dict[str, tuple[int, int]]:
+    """ "workload=base+per_unit,…" over the defaults, e.g. "llm_gen=500+5"."""
+    prices = dict(DEFAULT_PRICES)
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        name, _, value = entry.partition("=")
+        base, plus, per_unit = value.partition("+")
+        if name.strip() not in WORKLOADS or not plus or not base.strip().isdigit() or not per_unit.strip().isdigit():
+            raise ValueError(f"PRICES entry {entry!r} is not workload=base+per_unit with a known workload")
+        prices[name.strip()] = (int(base), int(per_unit))
+    return prices
+
+
+@dataclass
+class Run:
+    """One miner's result for a job that needs several agreeing runs."""
+
+    miner_id: str
+    payout_address: str
+    lease_id: str
+    output_sha256: str  # hex
+    receipt: str  # hex of the Signed receipt
+    usage: str  # hex of Usage
+    nonce: str  # hex of the receipt's nonce: a copied receipt repeats it
+    verdict: str
+    detail: str = ""
+    reputation: float = 0.0
+
+
+def load_runs(rec: JobRecord) -> list[Run]:
+    return [Run(**r) for r in json.loads(rec.runs or "[]")]
+
+
+def dump_runs(runs: list[Run]) -> str:
+    return json.dumps([dataclasses.asdict(r) for r in runs])
 
 
 @dataclass(frozen=True)
@@ -51,9 +94,9 @@ class Settings:
     lease_secs: float = 30.0
     max_attempts: int = 3
     fee_bps: int = 500
-    # Price table: base per job plus per unit of the workload's own measure.
-    matmul_base_price: int = 1000
-    matmul_uait_per_gflop: int = 1000
+    # Price table, per workload: (uait per run, uait per unit of the
+    # workload's own measure of the work; see each workload's `unit`).
+    prices: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(DEFAULT_PRICES))
     # A miner whose results were refused this many times is banned.
     ban_after: int = 3
 
@@ -75,6 +118,8 @@ class MinerSession:
     slots: int
     gpu: bool
     max_vram: int
+    # "workload/name" of each model it holds.
+    models: frozenset[str] = frozenset()
     session_id: str = field(default_factory=lambda: "sess_" + secrets.token_hex(8))
     outbox: asyncio.Queue[cpb.ConnectResponse | None] = field(default_factory=asyncio.Queue)
     # lease id -> (job id, output size limit)
@@ -99,8 +144,10 @@ class MinerSession:
     def free_slots(self) -> int:
         return max(0, self.slots - len(self.leases))
 
-    def can_run(self, workload: str, req: cpb.Requirements) -> bool:
+    def can_run(self, workload: str, model: str, req: cpb.Requirements) -> bool:
         if workload not in self.workloads:
+            return False
+        if model and f"{workload}/{model}" not in self.models:
             return False
         if req.gpu_required and not self.gpu:
             return False
@@ -114,11 +161,13 @@ def reputation(accepted: int, refused: int) -> float:
     return (accepted + 1) / (accepted + 1 + 10 * refused + 1)
 
 
-def why_unplaceable(workload: str, req: cpb.Requirements, sessions: list[MinerSession]) -> str:
+def why_unplaceable(workload: str, model: str, req: cpb.Requirements, sessions: list[MinerSession]) -> str:
     if not sessions:
-        return "no miner is connected"
+        return "no miner is connected (other than any this job already ran on)"
     if not any(workload in s.workloads for s in sessions):
         return f"no connected miner runs {workload}"
+    if model and not any(f"{workload}/{model}" in s.models for s in sessions):
+        return f"no connected miner holds {workload} model {model!r}"
     if req.gpu_required and not any(s.gpu for s in sessions):
         return "no connected miner has a GPU"
     if req.min_vram_bytes:
@@ -272,10 +321,11 @@ class Coordinator:
     # -- client side ------------------------------------------------------
 
     def price_of(self, workload: str, units: int) -> int:
-        s = self.settings
-        if workload == "matmul":
-            return s.matmul_base_price + -(-units * s.matmul_uait_per_gflop // 10**9)
-        raise InvalidArgument(f"no price for workload {workload}", field="spec.workload")
+        """The price of one run, from our table and our own measure."""
+        if workload not in self.settings.prices:
+            raise InvalidArgument(f"no price for workload {workload}", field="spec.workload")
+        base, per_unit = self.settings.prices[workload]
+        return base + units * per_unit
 
     async def submit(self, caller: Principal, spec: cpb.JobSpec, request_id: str) -> JobRecord:
         if not request_id:
@@ -285,10 +335,12 @@ class Coordinator:
         workload, params = workload_of(spec)
         if spec.max_price <= 0:
             raise InvalidArgument("max_price must be positive (uait)", field="spec.max_price", reason="BAD_AMOUNT")
-        price = self.price_of(workload.name, workload.work_units(params))
+        policy = policy_of(workload, spec)
+        # Each run a policy needs is paid for: the client sees it here.
+        price = policy.runs * self.price_of(workload.name, workload.work_units(params))
         if price > spec.max_price:
             raise FailedPrecondition(
-                f"the job costs {price} uait, above max_price {spec.max_price}",
+                f"the job costs {price} uait ({policy.runs} run(s)), above max_price {spec.max_price}",
                 reason="PRICE_ABOVE_MAX",
                 metadata={"price": str(price)},
             )
@@ -333,6 +385,8 @@ class Coordinator:
             deadline=deadline,
             create_time=now,
             update_time=now,
+            runs_needed=policy.runs,
+            verification=policy.message.SerializeToString(deterministic=True),
         )
         stored = await self.db(self.store.insert, rec)
         if stored.job_id != rec.job_id:  # a concurrent retry won the insert
@@ -485,15 +539,17 @@ class Coordinator:
             sessions = list(self.sessions.values())
             spec = cpb.JobSpec.FromString(rec.spec)
             req = spec.requirements
+            workload, params = workload_of(spec)
+            model = workload.model(params)
             refused = set(rec.refused_miners.split())
             eligible = [s for s in sessions if s.accepts_work and s.miner_id not in refused]
-            capable = [s for s in eligible if s.can_run(rec.workload, req)]
+            capable = [s for s in eligible if s.can_run(rec.workload, model, req)]
             free = [s for s in capable if s.free_slots > 0]
             if not free:
                 detail = (
                     f"waiting for a free slot on {len(capable)} capable miner(s)"
                     if capable
-                    else why_unplaceable(rec.workload, req, [s for s in sessions if s.miner_id not in refused])
+                    else why_unplaceable(rec.workload, model, req, [s for s in sessions if s.miner_id not in refused])
                 )
                 if detail != rec.status_detail:
                     self._publish(
@@ -510,7 +566,7 @@ class Coordinator:
     async def _assign(self, session: MinerSession, rec: JobRecord) -> None:
         workload, params = workload_of(cpb.JobSpec.FromString(rec.spec))
         lease_id = "lease_" + secrets.token_hex(8)
-        session.leases[lease_id] = (rec.job_id, workload.output_size(params))
+        session.leases[lease_id] = (rec.job_id, workload.max_output_size(params))
         deadline = time.time() + self.settings.lease_secs
         assigned = await self.db(
             self.store.transition,
@@ -549,8 +605,12 @@ class Coordinator:
         expect_lease: str | None = None,
         verdict: str = "",
         refused_miners: str | None = None,
+        runs: str | None = None,
+        requeue_detail: bool = False,
     ) -> JobRecord | None:
-        failed = rec.attempts >= self.settings.max_attempts
+        # A job that needs k agreeing runs may fail max_attempts times
+        # besides its k good ones.
+        failed = rec.attempts >= self.settings.max_attempts + rec.runs_needed - 1
         if failed:
             changes: dict[str, Any] = {
                 "state": st.FAILED,
@@ -558,11 +618,14 @@ class Coordinator:
                 "outbox": ("release", reason.encode()),
             }
         else:
-            changes = {"state": st.QUEUED, "lease_deadline": 0.0, "status_detail": f"requeued: {reason}"}
+            detail = reason if requeue_detail else f"requeued: {reason}"
+            changes = {"state": st.QUEUED, "lease_deadline": 0.0, "status_detail": detail}
         if verdict:
             changes["verdict"] = verdict
         if refused_miners is not None:
             changes["refused_miners"] = refused_miners
+        if runs is not None:
+            changes["runs"] = runs
         new = await self.db(
             self.store.transition,
             rec.job_id,
@@ -592,7 +655,7 @@ class Coordinator:
         for rec in held:
             if rec.lease_id in in_flight:
                 workload, params = workload_of(cpb.JobSpec.FromString(rec.spec))
-                session.leases[rec.lease_id] = (rec.job_id, workload.output_size(params))
+                session.leases[rec.lease_id] = (rec.job_id, workload.max_output_size(params))
             else:
                 # The miner came back without it (restarted, lost it): no
                 # need to wait for the lease to lapse.
@@ -709,20 +772,24 @@ class Coordinator:
                 up.path.unlink(missing_ok=True)
             await self._retry_or_fail(rec, [st.VERIFYING], "internal error while verifying the result")
 
-    async def _judge_miner(self, session: MinerSession, accepted: bool) -> bool:
-        """Record the verdict in the miner's standing; True if now banned."""
-        good, bad = await self.db(self.store.record_verdict, session.miner_id, accepted)
-        session.reputation = reputation(good, bad)
+    async def _judge_miner(self, miner_id: str, accepted: bool) -> tuple[float, bool]:
+        """Record a verdict in the miner's standing: (its reputation now,
+        whether it is now banned)."""
+        good, bad = await self.db(self.store.record_verdict, miner_id, accepted)
+        rep = reputation(good, bad)
+        session = self.sessions.get(miner_id)
+        if session is not None:
+            session.reputation = rep
         if bad >= self.settings.ban_after:
-            log.warning("miner_banned", miner_id=session.miner_id, refused=bad, accepted=good)
-            return True
-        return False
+            log.warning("miner_banned", miner_id=miner_id, refused=bad, accepted=good)
+            return rep, True
+        return rep, False
 
     def banned(self, accepted_refused: tuple[int, int]) -> bool:
         return accepted_refused[1] >= self.settings.ban_after
 
     async def _judge(self, session: MinerSession, rec: JobRecord, res: cpb.JobResult, up: Upload | None) -> None:
-        job_id, lease_id = rec.job_id, res.lease_id
+        lease_id = res.lease_id
         output = b""
         if up is not None and up.size <= up.limit:
             output = await asyncio.to_thread(up.path.read_bytes)
@@ -736,40 +803,106 @@ class Coordinator:
             output=output,
         )
         log.info(
-            "result_checked", job_id=job_id, miner_id=session.miner_id, verdict=outcome.verdict, detail=outcome.detail
+            "result_checked", job_id=rec.job_id, miner_id=session.miner_id, verdict=outcome.verdict,
+            detail=outcome.detail,
+        )  # fmt: skip
+        body = outcome.body
+        run = Run(
+            miner_id=session.miner_id,
+            payout_address=session.payout_address,
+            lease_id=lease_id,
+            output_sha256=body.output_sha256.hex() if body else "",
+            receipt=res.receipt.SerializeToString().hex(),
+            usage=body.usage.SerializeToString().hex() if body else "",
+            nonce=body.nonce.hex() if body else "",
+            verdict=outcome.verdict,
+            detail=outcome.detail,
         )
-        banned = await self._judge_miner(session, outcome.verdict == ACCEPTED)
-        if outcome.verdict != ACCEPTED:
+        runs = load_runs(rec)
+        copied = next((r for r in runs if body is not None and r.nonce == run.nonce), None)
+        if copied is not None:
+            run.verdict, run.detail = DISAGREED, f"the receipt copies the one {copied.miner_id} returned"
+        if run.verdict != ACCEPTED:
             if up:
                 up.path.unlink(missing_ok=True)
-            await self._retry_or_fail(
-                rec,
-                [st.VERIFYING],
-                f"result from {session.miner_id} refused ({outcome.detail})",
-                verdict=outcome.verdict,
-                refused_miners=f"{rec.refused_miners} {session.miner_id}".strip(),
-            )
-            await self._ack(session, lease_id, f"VERDICT_{outcome.verdict}", outcome.detail)
-            if banned:
-                session.outbox.put_nowait(None)  # after the ack: it learns why
+            await self._refuse(session, rec, run, runs)
             return
-        assert outcome.body is not None and up is not None
-        digest = outcome.body.output_sha256
-        blob = self.blobs / digest.hex()
-        await asyncio.to_thread(up.path.replace, blob)
-        fee = rec.price * self.settings.fee_bps // 10_000
-        miner_amount = rec.price - fee
+        assert up is not None
+        await asyncio.to_thread(up.path.replace, self.blobs / run.output_sha256)
+        run.verdict = PENDING
+        pending = [r for r in runs if r.verdict == PENDING]
+        workload, params = workload_of(cpb.JobSpec.FromString(rec.spec))
+        agreeing = []
+        for r in pending:
+            other = await asyncio.to_thread(_read_blob, self.blobs / r.output_sha256)
+            check = await asyncio.to_thread(workload.agree, params, other, output) if other is not None else None
+            if check is not None and check.ok:
+                agreeing.append(r)
+        if len(agreeing) + 1 >= rec.runs_needed:
+            winners = [*agreeing[: rec.runs_needed - 1], run]
+            losers = [r for r in pending if r not in winners]
+            await self._settle(session, rec, [*runs, run], winners, losers)
+            return
+        # Hold this result until enough other miners' runs agree with it.
+        have = len(agreeing) + 1
+        runs.append(run)
+        await self._retry_or_fail(
+            rec,
+            [st.VERIFYING],
+            f"{have} of {rec.runs_needed} agreeing results in; waiting for a run on another miner",
+            verdict=PENDING,
+            refused_miners=f"{rec.refused_miners} {session.miner_id}".strip(),
+            runs=dump_runs(runs),
+            requeue_detail=True,
+        )
+        await self._ack(session, lease_id, "VERDICT_PENDING", run.detail, reputation=session.reputation)
+
+    async def _refuse(self, session: MinerSession, rec: JobRecord, run: Run, runs: list[Run]) -> None:
+        run.reputation, banned = await self._judge_miner(session.miner_id, False)
+        await self._retry_or_fail(
+            rec,
+            [st.VERIFYING],
+            f"result from {session.miner_id} refused ({run.detail})",
+            verdict=run.verdict,
+            refused_miners=f"{rec.refused_miners} {session.miner_id}".strip(),
+            runs=dump_runs([*runs, run]),
+        )
+        await self._ack(session, run.lease_id, f"VERDICT_{run.verdict}", run.detail, reputation=run.reputation)
+        if banned:
+            session.outbox.put_nowait(None)  # after the ack: it learns why
+
+    async def _settle(
+        self, session: MinerSession, rec: JobRecord, runs: list[Run], winners: list[Run], losers: list[Run]
+    ) -> None:
+        """Pay every miner whose run agreed (one settlement, one hold), and
+        refuse the runs that disagreed with them."""
+        run_price = rec.price // rec.runs_needed
+        fee_each = run_price * self.settings.fee_bps // 10_000
+        pay_each = run_price - fee_each
+        banned: list[str] = []
+        for r in winners:
+            r.verdict = ACCEPTED
+            r.reputation, _ = await self._judge_miner(r.miner_id, True)
+        for r in losers:
+            r.verdict = DISAGREED
+            r.detail = f"disagrees with the result {len(winners)} other miner(s) agreed on"
+            r.reputation, now_banned = await self._judge_miner(r.miner_id, False)
+            if now_banned:
+                banned.append(r.miner_id)
+        primary = winners[0]
+        receipt = signing_pb2.Signed.FromString(bytes.fromhex(primary.receipt))
         settlement = seal(
             signing_pb2.SettlementBody(
                 network_id=self.settings.network_id,
                 job_id=rec.job_id,
                 client_address=rec.client_address,
-                miner_address=session.payout_address,
+                miner_address=primary.payout_address,
                 hold_amount=rec.max_price,
-                miner_amount=miner_amount,
-                fee_amount=fee,
-                receipt_sha256=crypto.sha256(res.receipt.body),
+                miner_amount=pay_each,
+                fee_amount=fee_each * len(winners),
+                receipt_sha256=crypto.sha256(receipt.body),
                 verdict_time=ts_now(),
+                co_payouts=[signing_pb2.Payout(address=r.payout_address, amount=pay_each) for r in winners[1:]],
             ),
             crypto.SETTLEMENT_DOMAIN,
             self.key,
@@ -781,19 +914,27 @@ class Coordinator:
             rec.job_id,
             from_states=[st.VERIFYING],
             state=st.SETTLING,
+            miner_id=primary.miner_id,
             verdict=ACCEPTED,
-            output_sha256=digest,
-            usage=outcome.body.usage.SerializeToString(),
-            receipt=res.receipt.SerializeToString(),
+            output_sha256=bytes.fromhex(primary.output_sha256),
+            usage=bytes.fromhex(primary.usage),
+            receipt=receipt.SerializeToString(),
             settlement=settlement.SerializeToString(),
-            miner_amount=miner_amount,
-            fee_amount=fee,
+            miner_amount=pay_each * len(winners),
+            fee_amount=fee_each * len(winners),
             status_detail="",
+            runs=dump_runs(runs),
             outbox=("settle", settlement.SerializeToString()),
         )
         self._publish(settling)
         self._outbox_wake.set()
-        await self._ack(session, lease_id, "VERDICT_ACCEPTED", outcome.detail, miner_amount)
+        for r in [*winners, *losers]:
+            target = session if r.miner_id == session.miner_id else self.sessions.get(r.miner_id)
+            if target is not None:
+                amount = pay_each if r.verdict == ACCEPTED else 0
+                await self._ack(target, r.lease_id, f"VERDICT_{r.verdict}", r.detail, amount, r.reputation)
+                if r.miner_id in banned:
+                    target.outbox.put_nowait(None)
         self.wake()
 
     async def failure(self, session: MinerSession, f: cpb.JobFailure) -> None:
@@ -809,7 +950,9 @@ class Coordinator:
             await self._retry_or_fail(rec, st.LEASED, f"miner reported: {f.reason[:500]}", expect_lease=f.lease_id)
         self.wake()
 
-    async def _ack(self, session: MinerSession, lease_id: str, verdict: str, detail: str, amount: int = 0) -> None:
+    async def _ack(
+        self, session: MinerSession, lease_id: str, verdict: str, detail: str, amount: int = 0, reputation: float = 0.0
+    ) -> None:
         session.outbox.put_nowait(
             cpb.ConnectResponse(
                 ack=cpb.ResultAck(
@@ -817,6 +960,7 @@ class Coordinator:
                     verdict=cpb.Verdict.Value(verdict),
                     detail=detail,
                     miner_amount=amount,
+                    reputation=reputation,
                 )
             )
         )
@@ -945,6 +1089,14 @@ def _parse_job_token(token: str) -> tuple[str, str] | None:
     if not sep or not job_id.startswith("job_"):
         raise InvalidArgument("page_token is not one this service issued", field="page_token")
     return create_time, job_id
+
+
+def _read_blob(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        log.warning("blob_missing", path=str(path))
+        return None
 
 
 def _utc(epoch: float) -> datetime:

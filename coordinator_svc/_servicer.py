@@ -18,7 +18,7 @@ from aitbc.timeutil import duration, ts_from_iso
 from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import coordinator_pb2_grpc, signing_pb2
 from coordinator_svc import _store as st
-from coordinator_svc._jobs import Coordinator, MinerSession, reputation
+from coordinator_svc._jobs import Coordinator, MinerSession, load_runs, reputation
 from coordinator_svc._store import JobRecord
 
 log = structlog.get_logger()
@@ -63,7 +63,20 @@ def job_pb(rec: JobRecord, progress: tuple[float, str] | None = None) -> cpb.Job
         output_sha256=rec.output_sha256,
         create_time=ts_from_iso(rec.create_time),
         update_time=ts_from_iso(rec.update_time),
+        runs_needed=rec.runs_needed,
+        runs=[
+            cpb.RunRecord(
+                miner_id=r.miner_id,
+                verdict=cpb.Verdict.Value(f"VERDICT_{r.verdict}"),
+                detail=r.detail,
+                output_sha256=bytes.fromhex(r.output_sha256),
+                reputation=r.reputation,
+            )
+            for r in load_runs(rec)
+        ],
     )
+    if rec.verification:
+        job.verification.ParseFromString(rec.verification)
     if progress is not None and rec.state == st.RUNNING:
         job.progress, job.progress_message = progress
     if rec.usage:
@@ -226,6 +239,7 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
             slots=caps.slots,
             gpu=gpu,
             max_vram=max((g.memory_total_bytes for g in caps.gpus), default=0),
+            models=frozenset(f"{m.workload}/{m.name}" for m in caps.models),
         )
 
     async def _read(self, session: MinerSession, requests: AsyncIterator[cpb.ConnectRequest]) -> None:

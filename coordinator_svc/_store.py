@@ -45,6 +45,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     deadline       REAL NOT NULL DEFAULT 0,
     create_time    TEXT NOT NULL,
     update_time    TEXT NOT NULL,
+    runs_needed    INTEGER NOT NULL DEFAULT 1,
+    verification   BLOB NOT NULL DEFAULT x'',
+    runs           TEXT NOT NULL DEFAULT '[]',
     UNIQUE (client_name, request_id)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, create_time);
@@ -106,13 +109,19 @@ class JobRecord:
     receipt: bytes
     settlement: bytes
     hold_state: str
-    # Space-separated ids of miners whose result for this job was refused:
-    # the job is never dispatched to them again.
+    # Space-separated ids of miners this job is never dispatched to again:
+    # their result was refused, or is already counted among its runs.
     refused_miners: str
     # Epoch seconds after which an unverified job expires; 0: never.
     deadline: float
     create_time: str
     update_time: str
+    # Agreeing results from different miners needed before payment.
+    runs_needed: int = 1
+    # The resolved VerificationPolicy, serialised.
+    verification: bytes = b""
+    # JSON list of the results miners returned (see _jobs.Run).
+    runs: str = "[]"
 
 
 _COLUMNS = [f.name for f in fields(JobRecord)]
@@ -364,7 +373,7 @@ class JobStore:
 
 class SqliteJobStore(SqliteStore, JobStore):
     SCHEMA = SCHEMA
-    SCHEMA_VERSION = 3
+    SCHEMA_VERSION = 4
 
     def close(self) -> None:
         SqliteStore.close(self)

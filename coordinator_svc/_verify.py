@@ -12,6 +12,10 @@ from aitbc.workloads.registry import workload_of
 from coordinator_svc._store import JobRecord
 
 ACCEPTED, BAD_SIGNATURE, BAD_OUTPUT = "ACCEPTED", "BAD_SIGNATURE", "BAD_OUTPUT"
+# Passed its own checks; held until other miners' runs agree with it.
+PENDING = "PENDING"
+# Disagrees with the result other miners agreed on, or copies a receipt.
+DISAGREED = "DISAGREED"
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ def check_result(
         return Outcome(BAD_OUTPUT, "output does not match the receipt's digest", body)
     spec = coordinator_pb2.JobSpec.FromString(job.spec)
     workload, params = workload_of(spec)
-    check = workload.verify(params, output)
+    check = workload.check(params, output)
     if not check.ok:
         return Outcome(BAD_OUTPUT, check.detail, body)
     return Outcome(ACCEPTED, check.detail, body)

@@ -27,8 +27,13 @@ OPTIONS = [
     Option("MAX_ATTEMPTS", int, 3, "dispatch attempts before a job fails"),
     Option("FEE_BPS", int, 500, "treasury fee, in basis points of the price"),
     Option("BAN_AFTER", int, 3, "refused results after which a miner is banned"),
-    Option("MATMUL_BASE_PRICE", int, 1000, "matmul: uait per job"),
-    Option("MATMUL_UAIT_PER_GFLOP", int, 1000, "matmul: uait per GFLOP of the verified product"),
+    Option(
+        "PRICES",
+        str,
+        "",
+        "price table over the defaults, workload=base+per_unit,… in uait per run and per unit: "
+        "matmul=1000+1 (MFLOP), llm_gen=1000+10 (token), embed=500+100 (text), sd_infer=2000+1 (kilopixel-step)",
+    ),
     Option("READY_FILE", str, "", "write the bound port here once serving"),
     Option("LOG_LEVEL", str, "info", "debug, info, warning or error"),
     Option("SHUTDOWN_GRACE", float, 5.0, "seconds in-flight calls get on shutdown"),

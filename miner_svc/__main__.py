@@ -25,6 +25,7 @@ from aitbc.server import write_ready_file
 from miner_svc._admin import build_admin
 from miner_svc._agent import FatalMinerError, MinerAgent, MinerConfig, ensure_dir
 from miner_svc._gpu import inventory
+from miner_svc._models import local_models
 from miner_svc._worker import Slot, SlotPool
 
 log = structlog.get_logger()
@@ -41,6 +42,13 @@ OPTIONS = [
     cfg.Option("KEY_FILE", Path, None, "Ed25519 receipt key (default WORK_DIR/miner.key)", bare_env=True),
     cfg.Option("MAX_RUNTIME_SECS", float, 3600.0, "a job running longer is killed and reported failed", bare_env=True),
     cfg.Option("DRAIN_SECS", float, 60.0, "on SIGTERM, how long running jobs may finish", bare_env=True),
+    cfg.Option(
+        "MODELS",
+        str,
+        "",
+        "models held, from local folders: workload:name=/path,… (llm_gen, embed, sd_infer)",
+        bare_env=True,
+    ),
     cfg.Option("NETWORK_ID", str, "aitbc-devnet", "network the coordinator serves (for rotate-key)"),
     cfg.Option("ADMIN_PORT", int, 50061, "loopback port of the admin API (GetStatus, Drain); 0 picks one"),
     cfg.Option("READY_FILE", str, "", "written (with the admin port) once connected, for supervisors and tests"),
@@ -85,6 +93,10 @@ def main(argv: list[str]) -> int:
         check_address(payout, field="WALLET_ADDR")
     except InvalidArgument as exc:
         raise SystemExit(f"WALLET_ADDR: {exc.message}") from None
+    try:
+        models = local_models(conf["MODELS"])
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     slots = max(1, conf["MAX_CONCURRENCY"])
     if gpus:
         slots = min(slots, len(gpus))
@@ -99,6 +111,7 @@ def main(argv: list[str]) -> int:
         device=device,
         gpus=tuple(gpus),
         max_runtime=conf["MAX_RUNTIME_SECS"],
+        models=models,
     )
     log.info(
         "miner_starting",

@@ -25,7 +25,7 @@ from aitbc.timeutil import duration, ts_now
 from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import coordinator_pb2_grpc, signing_pb2
 from miner_svc._gpu import Gpu, Nvml
-from miner_svc._run_matmul import RunOutcome
+from miner_svc._runs import RunOutcome
 from miner_svc._worker import JobFailed, SlotPool
 
 log = structlog.get_logger()
@@ -48,6 +48,8 @@ class MinerConfig:
     device: str  # "cuda" or "cpu"
     gpus: tuple[Gpu, ...]
     max_runtime: float = 3600.0
+    # "workload/name" -> local folder of each model it holds.
+    models: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class FatalMinerError(Exception):
@@ -76,6 +78,7 @@ class MinerAgent:
         self.start_time = ts_now()
         self.job_of: dict[str, str] = {}  # lease -> job, for the admin API
         self.progress_of: dict[str, float] = {}
+        self.reputation = 0.0  # as the coordinator last told us
 
     def hello(self) -> cpb.MinerHello:
         c = self.config
@@ -85,7 +88,11 @@ class MinerAgent:
             payout_address=c.payout_address,
             in_flight_lease_ids=sorted(set(self._running) | set(self._finished)),
             capabilities=cpb.Capabilities(
-                workloads=["matmul"],
+                workloads=["matmul", *sorted({key.split("/")[0] for key in c.models})],
+                models=[
+                    cpb.ModelInfo(workload=workload, name=name)
+                    for workload, _, name in sorted(key.partition("/") for key in c.models)
+                ],
                 slots=c.slots,
                 accel=cpb.ACCEL_KIND_CUDA if c.device == "cuda" else cpb.ACCEL_KIND_CPU,
                 gpus=[
@@ -188,6 +195,8 @@ class MinerAgent:
                         ack = msg.ack
                         if ack.verdict == cpb.VERDICT_ACCEPTED:
                             self.earned += ack.miner_amount
+                        if ack.reputation:
+                            self.reputation = ack.reputation
                         self._forget(ack.lease_id)
                         log.info(
                             "result_acknowledged",
@@ -326,6 +335,7 @@ class MinerAgent:
                         a.job_spec,
                         self.config.device,
                         str(job_dir / "output.bin"),
+                        self.config.models,
                         max_runtime=self.config.max_runtime,
                         on_progress=lambda fraction, message: self._progress(a.lease_id, fraction, message),
                     )
@@ -346,6 +356,8 @@ class MinerAgent:
                     flops=outcome.flops,
                     tflops=outcome.tflops,
                     energy_joules=outcome.energy_joules,
+                    work_items=outcome.work_items,
+                    items_per_second=outcome.work_items / outcome.run_seconds if outcome.run_seconds > 0 else 0.0,
                 ),
                 start_time=start,
                 finish_time=finish,

@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from aitbc.workloads.matmul import MatmulParams, make_inputs
+from miner_svc._runs import RunOutcome, device_label, finish
 from miner_svc._worker_progress import report_progress
-
-
-@dataclass(frozen=True)
-class RunOutcome:
-    output_path: str
-    output_sha256: bytes
-    output_size: int
-    device: str
-    run_seconds: float
-    flops: int
-    tflops: float
-    energy_joules: float
 
 
 def run_matmul(params: MatmulParams, device: str, out_path: Path) -> RunOutcome:
@@ -48,19 +35,15 @@ def run_matmul(params: MatmulParams, device: str, out_path: Path) -> RunOutcome:
         elapsed = time.perf_counter() - start
         host = c.cpu().contiguous()
         data = host.view(torch.int16).numpy().tobytes() if params.dtype == "bf16" else host.numpy().tobytes()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_bytes(data)
     flops = params.flops * params.repeats
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    return RunOutcome(
-        output_path=str(out_path),
-        output_sha256=hashlib.sha256(data).digest(),
-        output_size=len(data),
-        device=f"cuda:{name}" if dev.type == "cuda" else "cpu",
-        run_seconds=elapsed,
+    return finish(
+        out_path,
+        data,
+        device=device_label(torch, dev),
+        seconds=elapsed,
         flops=flops,
         tflops=flops / elapsed / 1e12 if elapsed > 0 else 0.0,
-        energy_joules=0.0,
+        work_items=params.repeats,
     )
 
 

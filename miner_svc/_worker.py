@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from miner_svc import _worker_progress
-from miner_svc._run_matmul import RunOutcome
+from miner_svc._runs import RunOutcome
 
 log = structlog.get_logger()
 
@@ -29,27 +29,49 @@ class JobFailed(Exception):
     """The job did not produce a result; the message says why, for the client."""
 
 
-def run_job(spec_bytes: bytes, device: str, out_path: str) -> RunOutcome:
-    """Entry point inside the worker process."""
+def run_job(spec_bytes: bytes, device: str, out_path: str, models: dict[str, str] | None = None) -> RunOutcome:
+    """Entry point inside the worker process. `models` maps "workload/name"
+    to the local folder of each model this miner holds."""
     from aitbc.v1 import coordinator_pb2
     from aitbc.workloads.registry import workload_of
-    from miner_svc._run_matmul import run_matmul
 
     spec = coordinator_pb2.JobSpec.FromString(spec_bytes)
     workload, params = workload_of(spec)
-    if workload.name == "matmul":
-        if device.startswith("cuda"):
-            import torch
+    if device.startswith("cuda"):
+        import torch
 
-            if not torch.cuda.is_available():
-                raise RuntimeError("torch cannot use CUDA here: check the driver and that torch is a CUDA build")
-        return run_matmul(params, device, Path(out_path))
+        if not torch.cuda.is_available():
+            raise RuntimeError("torch cannot use CUDA here: check the driver and that torch is a CUDA build")
+    out = Path(out_path)
+    if workload.name == "matmul":
+        from miner_svc._run_matmul import run_matmul
+
+        return run_matmul(params, device, out)
+    model = (models or {}).get(f"{workload.name}/{workload.model(params)}")
+    if model is None:
+        raise RuntimeError(f"this miner does not hold {workload.name} model {workload.model(params)!r}")
+    if workload.name == "llm_gen":
+        from miner_svc._run_llm import run_llm
+
+        return run_llm(params, device, out, model)
+    if workload.name == "embed":
+        from miner_svc._run_embed import run_embed
+
+        return run_embed(params, device, out, model)
+    if workload.name == "sd_infer":
+        from miner_svc._run_sd import run_sd
+
+        return run_sd(params, device, out, model)
     raise RuntimeError(f"this miner cannot run {workload.name}")
 
 
 def _worker_main(conn: Connection, env: dict[str, str], target: Callable[..., Any]) -> None:
     _worker_progress.connection = conn
     os.environ.update(env)
+    # Models load from local folders only: never reach for the Hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     # The sidecar handles Ctrl-C and SIGTERM; a worker just works until told.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -65,6 +65,34 @@ def test_hold_settle_moves_exactly_the_price(book: Book) -> None:
     assert book.check() == []
 
 
+def test_one_settlement_pays_every_agreeing_miner_once(book: Book) -> None:
+    client, first, second, third = addr(), addr(), addr(), addr()
+    book.mint(client, 10_000, "m1")
+    book.place_hold("job1", client, 5_000)
+    s = Settlement("job1", client, first, 5_000, 900, 300, digest=b"d1", co_payouts=((second, 900), (third, 900)))
+    for _ in range(2):  # a retry pays nothing more
+        hold = book.settle_hold(s)
+    assert (hold.miner_amount, hold.fee_amount, hold.refunded_amount) == (2_700, 300, 2_000)
+    assert [book.balance(a).available for a in (first, second, third)] == [900, 900, 900]
+    assert book.balance(client).available == 7_000
+    assert book.check() == []
+
+
+def test_co_payouts_count_against_the_hold(book: Book) -> None:
+    client = addr()
+    book.mint(client, 100, "m")
+    book.place_hold("j", client, 100)
+    for bad, error in (
+        (Settlement("j", client, addr(), 100, 50, 0, digest=b"a", co_payouts=((addr(), 51),)), FailedPrecondition),
+        (Settlement("j", client, addr(), 100, 10, 0, digest=b"b", co_payouts=((addr(), 0),)), InvalidArgument),
+        (Settlement("j", client, addr(), 100, 10, 0, digest=b"c", co_payouts=((addr(), -5),)), InvalidArgument),
+    ):
+        with pytest.raises(error):
+            book.settle_hold(bad)
+    assert book.get_hold("j").state == "HELD"
+    assert book.check() == []
+
+
 def test_every_operation_is_idempotent(book: Book) -> None:
     client, miner = addr(), addr()
     assert book.mint(client, 100, "m") == book.mint(client, 100, "m")

@@ -67,6 +67,12 @@ class Settlement:
     miner_amount: int
     fee_amount: int
     digest: bytes  # sha256 of the signed settlement body: the idempotency check
+    # Other miners paid from the same hold (redundant verification).
+    co_payouts: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def to_miners(self) -> int:
+        return self.miner_amount + sum(amount for _, amount in self.co_payouts)
 
 
 @dataclass(frozen=True)
@@ -312,9 +318,10 @@ class Ledger:
             raise FailedPrecondition("settlement names another client than the hold", reason="HOLD_MISMATCH")
         if s.hold_amount != hold.amount:
             raise FailedPrecondition("settlement names another hold amount", reason="HOLD_MISMATCH")
-        if s.miner_amount < 0 or s.fee_amount < 0:
+        if s.miner_amount < 0 or s.fee_amount < 0 or any(amount <= 0 for _, amount in s.co_payouts):
             raise InvalidArgument("settlement amounts must not be negative", field="settlement", reason="BAD_AMOUNT")
-        paid = s.miner_amount + s.fee_amount
+        # Python ints do not overflow; the hold bound below keeps it in int64.
+        paid = s.to_miners + s.fee_amount
         if paid > hold.amount:
             raise FailedPrecondition(
                 f"settlement pays {paid} but the hold is {hold.amount}", reason="SETTLEMENT_EXCEEDS_HOLD"
@@ -327,7 +334,7 @@ class Ledger:
             (
                 SETTLED,
                 s.miner_address,
-                s.miner_amount,
+                s.to_miners,
                 s.fee_amount,
                 hold.amount - paid,
                 s.digest,
@@ -346,6 +353,7 @@ class Ledger:
             [
                 (hold.address, "held", -hold.amount, s.miner_address),
                 (s.miner_address, "available", s.miner_amount, hold.address),
+                *((address, "available", amount, hold.address) for address, amount in s.co_payouts),
                 (self.treasury, "available", s.fee_amount, hold.address),
                 (hold.address, "available", hold.amount - paid, ""),
             ],

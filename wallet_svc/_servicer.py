@@ -216,6 +216,8 @@ class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
         self._check_network("settlement", body.network_id)
         check_address(body.client_address, field="settlement.client_address")
         check_address(body.miner_address, field="settlement.miner_address")
+        for i, payout in enumerate(body.co_payouts):
+            check_address(payout.address, field=f"settlement.co_payouts[{i}].address")
         return Settlement(
             job_id=body.job_id,
             client_address=body.client_address,
@@ -224,4 +226,5 @@ class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
             miner_amount=body.miner_amount,
             fee_amount=body.fee_amount,
             digest=crypto.sha256(signed.body),
+            co_payouts=tuple((p.address, p.amount) for p in body.co_payouts),
         )

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from aitbc.errors import InvalidArgument
+from aitbc.v1 import coordinator_pb2, workloads_pb2
+from aitbc.workloads.base import Check, Workload
 
 NAME = "matmul"
 MAX_N = 4096
@@ -125,14 +127,6 @@ def encode_output(params: MatmulParams, c: np.ndarray) -> bytes:
     return (_round_to_bf16(c.astype(np.float32)).view(np.uint32) >> 16).astype("<u2").tobytes()
 
 
-@dataclass(frozen=True)
-class Check:
-    ok: bool
-    detail: str
-    # Largest error seen, as a fraction of its tolerance (< 1 passes).
-    worst_ratio: float = 0.0
-
-
 def freivalds(params: MatmulParams, data: bytes, rounds: int = FREIVALDS_ROUNDS) -> Check:
     """Check C = A @ B in O(n^2) per round with random +-1 vectors the miner
     cannot predict. A wrong C survives one round with probability <= 1/2
@@ -161,3 +155,32 @@ def freivalds(params: MatmulParams, data: bytes, rounds: int = FREIVALDS_ROUNDS)
         row = int(np.unravel_index(int(ratio.argmax()), ratio.shape)[0])
         return Check(False, f"C fails Freivalds' check at row {row} ({worst:.3g}x the tolerance)", worst)
     return Check(True, f"passed {rounds} Freivalds rounds", worst)
+
+
+DTYPE_NAMES = {workloads_pb2.DTYPE_FP32: "fp32", workloads_pb2.DTYPE_FP16: "fp16", workloads_pb2.DTYPE_BF16: "bf16"}
+
+
+class Matmul(Workload[MatmulParams]):
+    name = NAME
+    unit = "MFLOP"
+    self_checking = True
+
+    def params(self, spec: coordinator_pb2.JobSpec) -> MatmulParams:
+        p = spec.matmul
+        return MatmulParams(n=p.n, dtype=DTYPE_NAMES.get(p.dtype, ""), seed=p.seed, repeats=p.repeats or 1).validate()
+
+    def work_units(self, params: MatmulParams) -> int:
+        # Every multiplication the client asked for: repeats are work too.
+        return -(-params.flops * params.repeats // 10**6)
+
+    def max_output_size(self, params: MatmulParams) -> int:
+        return params.output_size
+
+    def check(self, params: MatmulParams, output: bytes) -> Check:
+        return freivalds(params, output)
+
+    def agree(self, params: MatmulParams, a: bytes, b: bytes) -> Check:
+        # Each output already passed Freivalds' check, which proves it is
+        # A @ B within the dtype's tolerance: two such outputs are the same
+        # result even where their rounding differs.
+        return Check(True, "both outputs pass Freivalds' check")

@@ -1,53 +1,29 @@
-"""The workloads the network knows, looked up by the JobSpec oneof name.
+"""The workloads the network knows, looked up by the JobSpec oneof name, and
+the verification policy a job resolves to.
 
 Adding a workload means a module beside matmul.py and one entry here; the
 scheduler and the ledger never change."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import random
 from dataclasses import dataclass
 from typing import Any
 
 from aitbc.errors import InvalidArgument
-from aitbc.v1 import coordinator_pb2, workloads_pb2
-from aitbc.workloads import matmul
+from aitbc.v1 import coordinator_pb2
+from aitbc.workloads.base import Workload
+from aitbc.workloads.embed import Embed
+from aitbc.workloads.llm_gen import LlmGen
+from aitbc.workloads.matmul import Matmul
+from aitbc.workloads.sd_infer import SdInfer
 
-DTYPE_NAMES = {workloads_pb2.DTYPE_FP32: "fp32", workloads_pb2.DTYPE_FP16: "fp16", workloads_pb2.DTYPE_BF16: "bf16"}
-
-
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    # JobSpec -> validated params (raises InvalidArgument).
-    params: Callable[[coordinator_pb2.JobSpec], Any]
-    # The coordinator's own measure of the work, in the price table's unit.
-    work_units: Callable[[Any], int]
-    # Size in bytes a correct output has (uploads beyond it are refused).
-    output_size: Callable[[Any], int]
-    # Check an output against the params.
-    verify: Callable[[Any, bytes], matmul.Check]
+WORKLOADS: dict[str, Workload[Any]] = {w.name: w for w in (Matmul(), LlmGen(), Embed(), SdInfer())}
+MAX_REDUNDANCY = 5
+DEFAULT_REDUNDANCY = 2
 
 
-def _matmul_params(spec: coordinator_pb2.JobSpec) -> matmul.MatmulParams:
-    p = spec.matmul
-    return matmul.MatmulParams(
-        n=p.n, dtype=DTYPE_NAMES.get(p.dtype, ""), seed=p.seed, repeats=p.repeats or 1
-    ).validate()
-
-
-WORKLOADS: dict[str, Workload] = {
-    "matmul": Workload(
-        name="matmul",
-        params=_matmul_params,
-        work_units=lambda p: p.flops,
-        output_size=lambda p: p.output_size,
-        verify=matmul.freivalds,
-    ),
-}
-
-
-def workload_of(spec: coordinator_pb2.JobSpec) -> tuple[Workload, Any]:
+def workload_of(spec: coordinator_pb2.JobSpec) -> tuple[Workload[Any], Any]:
     name = spec.WhichOneof("workload")
     if name is None:
         raise InvalidArgument(
@@ -59,3 +35,45 @@ def workload_of(spec: coordinator_pb2.JobSpec) -> tuple[Workload, Any]:
         raise InvalidArgument(f"workload {name!r} is not supported", field="spec.workload", reason="UNKNOWN_WORKLOAD")
     w = WORKLOADS[name]
     return w, w.params(spec)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A job's verification policy, resolved: `runs` agreeing results from
+    different miners are needed before it is paid."""
+
+    message: coordinator_pb2.VerificationPolicy
+    runs: int
+
+
+def policy_of(workload: Workload[Any], spec: coordinator_pb2.JobSpec, rng: random.Random | None = None) -> Policy:
+    """The job's policy (the workload's default when the spec sets none).
+    A spot check is sampled here, once, so the price is known up front."""
+    v = spec.verification
+    kind = v.WhichOneof("policy")
+    if kind is None:
+        if workload.self_checking:
+            return Policy(coordinator_pb2.VerificationPolicy(freivalds=coordinator_pb2.FreivaldsPolicy()), 1)
+        v = coordinator_pb2.VerificationPolicy(redundant=coordinator_pb2.RedundantPolicy(k=DEFAULT_REDUNDANCY))
+        kind = "redundant"
+    if kind == "freivalds":
+        if not workload.self_checking:
+            raise InvalidArgument(
+                f"{workload.name} output cannot be checked by Freivalds' algorithm: use redundant or spot_check",
+                field="spec.verification.freivalds",
+            )
+        return Policy(v, 1)
+    if kind == "redundant":
+        if not 2 <= v.redundant.k <= MAX_REDUNDANCY:
+            raise InvalidArgument(
+                f"spec.verification.redundant.k must be in 2..{MAX_REDUNDANCY}, got {v.redundant.k}",
+                field="spec.verification.redundant.k",
+            )
+        return Policy(v, v.redundant.k)
+    p = v.spot_check.probability
+    if not 0.0 < p <= 1.0:
+        raise InvalidArgument(
+            f"spec.verification.spot_check.probability must be in (0, 1], got {p}",
+            field="spec.verification.spot_check.probability",
+        )
+    return Policy(v, 2 if (rng or random.SystemRandom()).random() < p else 1)
