@@ -129,7 +129,9 @@ class Network:
             ready,
         )
 
-    def start_miner(self, name: str = "miner", wait: bool = True, coordinator: str = "coordinator") -> None:
+    def start_miner(
+        self, name: str = "miner", wait: bool = True, coordinator: str = "coordinator", extra: tuple[str, ...] = ()
+    ) -> None:
         ident = self.ids[name]
         ready = self.root / "run" / f"{name}.ready"
         ready.unlink(missing_ok=True)
@@ -151,6 +153,7 @@ class Network:
                 "0",
                 "--ready-file",
                 str(ready),
+                *extra,
             ],
             {"AITBC_MINER_API_KEY": ident.token},
             ready,
@@ -190,6 +193,8 @@ def make_network(root: Path) -> Network:
     add("client2", "client", with_key=True)
     add("miner", "miner", with_key=True, miner_id="miner-1")
     add("miner2", "miner", with_key=True, miner_id="miner-2")
+    add("miner3", "miner", with_key=True, miner_id="miner-3")
     add("cheater", "miner", with_key=True, miner_id="cheater-1")
+    add("cheater2", "miner", with_key=True, miner_id="cheater-2")
     TokenTable.dump(root / "principals.json", [(i.token, i.principal) for i in ids.values()])
     return Network(root=root, coordinator_key=coordinator_key, treasury=treasury, ids=ids)

@@ -45,11 +45,11 @@ def run_llm(params: LlmGenParams, device: str, out_path: Path, model_path: str) 
     generated: list[int] = []
     start = time.perf_counter()
     with torch.inference_mode():
-        past = None
+        cache = None
         step_input = prompt_ids.to(dev)
         for i in range(params.max_new_tokens):
-            out = model(input_ids=step_input, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=step_input, cache=cache, use_cache=True)
+            cache = out.cache
             logits = out.logits[0, -1].float().cpu()
             if generator is None:
                 token = int(logits.argmax())

@@ -16,7 +16,9 @@ from miner_svc._worker_progress import report_progress
 
 def _load(model_path: str, device: str) -> Any:
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
 
+    diffusers_logging.set_verbosity_error()  # "install accelerate" is advice, not news
     pipe = DiffusionPipeline.from_pretrained(model_path, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

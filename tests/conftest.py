@@ -67,3 +67,14 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return str(tmp_path / "ledger.sqlite")
     return str(request.getfixturevalue("pg_server").new_database())
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The MODELS option for a sidecar holding the tiny GPT-2 and Stable
+    Diffusion pipeline, built here, offline (embed's MiniLM is packaged)."""
+    from aitbc.tinymodels import build_tiny_gpt2, build_tiny_sd
+
+    root = tmp_path_factory.mktemp("models")
+    gpt2, sd = build_tiny_gpt2(root / "tiny-gpt2"), build_tiny_sd(root / "tiny-sd")
+    return f"llm_gen:tiny-gpt2={gpt2},sd_infer:tiny-sd={sd}"

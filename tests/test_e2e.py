@@ -18,11 +18,10 @@ from google.rpc import error_details_pb2, status_pb2
 
 from aitbc import crypto
 from aitbc.rpc import error_reason
-from aitbc.signed import open_signed, seal
-from aitbc.timeutil import ts_now
+from aitbc.signed import open_signed
 from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import coordinator_pb2_grpc, signing_pb2, wallet_pb2, wallet_pb2_grpc, workloads_pb2
-from aitbc.workloads.matmul import MatmulParams, encode_output, make_inputs
+from tests.cheaters import CheatingMiner
 from tests.conftest import ROOT, Network, eventually, md
 
 pytestmark = pytest.mark.timeout(180)
@@ -218,81 +217,6 @@ async def test_bad_requests_get_clear_statuses(clients: Clients, network: Networ
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await clients.coord.GetJob(cpb.GetJobRequest(job_id=job.job_id), metadata=md(network.ids["client2"]))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
-
-
-class CheatingMiner:
-    """Speaks the miner protocol from the test, to return what an honest
-    sidecar never would."""
-
-    def __init__(self, net: Network, mode: str) -> None:
-        self.net = net
-        self.mode = mode
-        self.ident = net.ids["cheater"]
-        assert self.ident.key is not None
-        self.key: crypto.KeyPair = self.ident.key
-
-    async def run_one(self) -> cpb.ResultAck:
-        out: asyncio.Queue[cpb.ConnectRequest] = asyncio.Queue()
-
-        async def requests() -> AsyncIterator[cpb.ConnectRequest]:
-            while True:
-                yield await out.get()
-
-        out.put_nowait(
-            cpb.ConnectRequest(
-                hello=cpb.MinerHello(
-                    miner_id="cheater-1",
-                    public_key=self.key.public_key,
-                    payout_address=self.ident.address,
-                    capabilities=cpb.Capabilities(workloads=["matmul"], slots=1, accel=cpb.ACCEL_KIND_CPU),
-                )
-            )
-        )
-        async with grpc.aio.insecure_channel(self.net.coord_target) as ch:
-            call = coordinator_pb2_grpc.MinerGatewayServiceStub(ch).Connect(requests(), metadata=md(self.ident))
-            network_id = ""
-            async for msg in call:
-                kind = msg.WhichOneof("msg")
-                if kind == "welcome":
-                    network_id = msg.welcome.network_id
-                elif kind == "assignment":
-                    self._answer(msg.assignment, network_id, out)
-                elif kind == "ack":
-                    call.cancel()
-                    return msg.ack
-        raise AssertionError("stream ended without an ack")
-
-    def _answer(self, a: cpb.Assignment, network_id: str, out: asyncio.Queue[cpb.ConnectRequest]) -> None:
-        spec = cpb.JobSpec.FromString(a.job_spec)
-        params = MatmulParams(n=spec.matmul.n, dtype="fp32", seed=spec.matmul.seed)
-        a32, b32 = make_inputs(params)
-        c = a32 @ b32
-        if self.mode == "wrong_c":
-            c = c + 1.0
-        data = encode_output(params, c)
-        body = signing_pb2.ReceiptBody(
-            network_id=network_id,
-            job_id=a.job_id,
-            lease_id=a.lease_id,
-            miner_id="cheater-1",
-            job_spec_sha256=crypto.sha256(a.job_spec),
-            output_sha256=crypto.sha256(data),
-            output_size_bytes=len(data),
-            start_time=ts_now(),
-            finish_time=ts_now(),
-            nonce=secrets.token_bytes(16),
-        )
-        signer = crypto.KeyPair.generate() if self.mode == "other_key" else self.key
-        receipt = seal(body, crypto.RECEIPT_DOMAIN, signer)
-        if self.mode == "other_key":
-            receipt.public_key = self.key.public_key  # claim to be the registered key
-        if self.mode == "flipped_byte":
-            flipped = bytearray(receipt.body)
-            flipped[len(flipped) // 2] ^= 0x01
-            receipt.body = bytes(flipped)
-        out.put_nowait(cpb.ConnectRequest(accepted=cpb.AssignmentAccepted(lease_id=a.lease_id)))
-        out.put_nowait(cpb.ConnectRequest(chunk=cpb.ResultChunk(lease_id=a.lease_id, offset=0, data=data)))
-        out.put_nowait(cpb.ConnectRequest(result=cpb.JobResult(lease_id=a.lease_id, receipt=receipt)))
 
 
 @pytest.mark.parametrize(
