@@ -1,9 +1,12 @@
-"""`make run`: a whole network on this machine — wallet, coordinator and one
-miner sidecar — with SQLite stores under var/.
+"""`make run`: a whole network on this machine — wallet, coordinator and two
+miner sidecars (two, so jobs verified by redundancy can complete) — with
+SQLite stores under var/.
 
-On first start it makes dev keys and bearer tokens (var/dev/), and on every
-start it makes sure the dev client holds its faucet funds (an idempotent
-Mint). Prints the grpcurl commands to try. Ctrl-C stops all three cleanly.
+On first start it makes dev keys and bearer tokens (var/dev/) and builds
+tiny demo models (var/models/: a GPT-2 for llm_gen, a Stable Diffusion
+pipeline for sd_infer; embed uses the packaged MiniLM), and on every start
+it makes sure the dev client holds its faucet funds (an idempotent Mint).
+Prints the grpcurl commands to try. Ctrl-C stops everything cleanly.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from aitbc.rpc import insecure_channel
 from aitbc.v1 import wallet_pb2, wallet_pb2_grpc
 
 FAUCET_UAIT = 1_000 * 1_000_000  # 1,000 AIT
-MINER_ID = "devnet-miner-0"
+MINER_IDS = ("devnet-miner-0", "devnet-miner-1")
 
 
 def _write_secret(path: Path, text: str) -> None:
@@ -45,33 +48,41 @@ def bootstrap(var: Path) -> dict[str, str]:
     coordinator = load_or_create_key(dev / "coordinator.key")
     treasury = load_or_create_key(dev / "treasury.key")
     client = load_or_create_key(dev / "client.key")
-    miner = load_or_create_key(var / "miner" / "miner.key")
     facts = {
         "coordinator_public_key": coordinator.public_key.hex(),
         "treasury_address": address_of(treasury.public_key),
         "client_address": address_of(client.public_key),
-        "miner_address": address_of(miner.public_key),
-        "miner_id": MINER_ID,
         "admin_token": new_token(),
         "coordinator_token": new_token(),
         "client_token": new_token(),
-        "miner_token": new_token(),
     }
+    for i, miner_id in enumerate(MINER_IDS):
+        suffix = str(i) if i else ""
+        key = load_or_create_key(var / f"miner{suffix}" / "miner.key")
+        facts[f"miner{suffix}_address"] = address_of(key.public_key)
+        facts[f"miner{suffix}_id"] = miner_id
+        facts[f"miner{suffix}_token"] = new_token()
     TokenTable.dump(
         dev / "principals.json",
         [
             (facts["admin_token"], Principal("dev-admin", "admin")),
             (facts["coordinator_token"], Principal("coordinator", "coordinator")),
             (facts["client_token"], Principal("dev-client", "client", address=facts["client_address"])),
-            (facts["miner_token"], Principal(MINER_ID, "miner", address=facts["miner_address"], miner_id=MINER_ID)),
+            *(
+                (facts[f"{m}_token"], Principal(facts[f"{m}_id"], "miner", address=facts[f"{m}_address"],
+                                                miner_id=facts[f"{m}_id"]))
+                for m in ("miner", "miner1")
+            ),
         ],
-    )
+    )  # fmt: skip
     _write_secret(
         dev / "tokens.env",
         "".join(
-            f"{k.upper()}={facts[k]}\n" for k in ("admin_token", "client_token", "miner_token", "coordinator_token")
+            f"{k.upper()}={facts[k]}\n"
+            for k in ("admin_token", "client_token", "miner_token", "miner1_token", "coordinator_token")
         )
-        + f"CLIENT_ADDRESS={facts['client_address']}\nMINER_ADDRESS={facts['miner_address']}\n",
+        + f"CLIENT_ADDRESS={facts['client_address']}\nMINER_ADDRESS={facts['miner_address']}\n"
+        + f"MINER1_ADDRESS={facts['miner1_address']}\n",
     )
     _write_secret(facts_path, json.dumps(facts, indent=2) + "\n")
     return facts
@@ -105,6 +116,16 @@ async def _fund(target: str, token: str, address: str) -> int:
             timeout=10,
         )
         return int(resp.balance.available)
+
+
+def demo_models(folder: Path) -> str:
+    """Build the tiny demo models once; return the miners' MODELS option."""
+    from aitbc.tinymodels import build_tiny_gpt2, build_tiny_sd
+
+    if not (folder / "tiny-sd" / "model_index.json").exists():
+        print("devnet: building tiny demo models in var/models (once)...", file=sys.stderr, flush=True)
+    gpt2, sd = build_tiny_gpt2(folder / "tiny-gpt2"), build_tiny_sd(folder / "tiny-sd")
+    return f"llm_gen:tiny-gpt2={gpt2},sd_infer:tiny-sd={sd}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,26 +234,24 @@ def main(argv: list[str] | None = None) -> int:
             {"AITBC_COORD_WALLET_TOKEN": facts["coordinator_token"]},
         )
         coord_port = wait_ready(run / "coordinator.port", coord, "coordinator")
-        miner = start(
-            "miner",
-            "miner_svc",
-            [
-                "--coord-url",
-                f"127.0.0.1:{coord_port}",
-                "--miner-id",
-                facts["miner_id"],
-                "--work-dir",
-                str(var / "miner"),
-                "--wallet-addr",
-                facts["miner_address"],
-                "--admin-port",
-                str(args.miner_admin_port),
-                "--ready-file",
-                str(run / "miner.ready"),
-            ],
-            {"AITBC_MINER_API_KEY": facts["miner_token"]},
-        )
-        wait_ready(run / "miner.ready", miner, "miner")
+        models = demo_models(var / "models")
+        for m in ("miner", "miner1"):
+            admin_port = args.miner_admin_port + (1 if m == "miner1" and args.miner_admin_port else 0)
+            miner = start(
+                m,
+                "miner_svc",
+                [
+                    "--coord-url", f"127.0.0.1:{coord_port}",
+                    "--miner-id", facts[f"{m}_id"],
+                    "--work-dir", str(var / m),
+                    "--wallet-addr", facts[f"{m}_address"],
+                    "--admin-port", str(admin_port),
+                    "--models", models,
+                    "--ready-file", str(run / f"{m}.ready"),
+                ],
+                {"AITBC_MINER_API_KEY": facts[f"{m}_token"]},
+            )  # fmt: skip
+            wait_ready(run / f"{m}.ready", miner, m)
         (run / "endpoints.json").write_text(json.dumps({"coordinator": coord_port, "wallet": wallet_port}) + "\n")
         print(_banner(facts, coord_port, wallet_port, balance, var), flush=True)
         while True:
@@ -245,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"devnet: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ndevnet: stopping miner, coordinator, wallet...", file=sys.stderr, flush=True)
+        print("\ndevnet: stopping miners, coordinator, wallet...", file=sys.stderr, flush=True)
         return 0
     finally:
         # A second Ctrl-C must not cut the orderly stop short.
@@ -257,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
 def _banner(facts: dict[str, str], coord: int, wallet: int, balance: int, var: Path) -> str:
     c, w = f"127.0.0.1:{coord}", f"127.0.0.1:{wallet}"
     return f"""
-AITBC devnet is up.  coordinator {c}   wallet {w}   miner {facts["miner_id"]}
+AITBC devnet is up.  coordinator {c}   wallet {w}   miners {facts["miner_id"]}, {facts["miner1_id"]}
 Dev client {facts["client_address"]} holds {balance / 1e6:,.2f} AIT. Tokens: {var}/dev/tokens.env
 
 Try, in another terminal (grpcurl ships in .venv/bin):
@@ -274,10 +293,17 @@ Try, in another terminal (grpcurl ships in .venv/bin):
   grpcurl -plaintext -H "authorization: Bearer $CLIENT_TOKEN" -d "{{\\"address\\":\\"$MINER_ADDRESS\\"}}" \\
     {w} aitbc.v1.WalletService/GetBalance
 
+The other workloads (verified by two miners agreeing), same SubmitJob call, with "spec" one of:
+  {{"llm_gen": {{"model": "tiny-gpt2", "prompt": "hello", "max_new_tokens": 16}}, "max_price": "1000000"}}
+  {{"embed": {{"texts": ["a gpu marketplace", "verified work"]}}, "max_price": "1000000"}}
+  {{"sd_infer": {{"model": "tiny-sd", "prompt": "a red fox", "width": 64, "height": 64, "steps": 4}},
+   "max_price": "1000000"}}
+Fetch a result: -d '{{"job_id":"..."}}' {c} aitbc.v1.CoordinatorService/GetJobResult
+
 The miner's own view (GPUs, jobs, earnings):
   AITBC_MINER_API_KEY=$MINER_TOKEN python -m miner_svc status
 
-Ctrl-C stops all three.
+Ctrl-C stops them all.
 """
 
 

@@ -65,7 +65,8 @@ def test_readme_walkthrough_with_real_grpcurl(tmp_path: Path) -> None:
             return int(b.get("available", 0)), int(b.get("held", 0))
 
         client_before = balance(env["CLIENT_ADDRESS"])
-        miner_before = balance(env["MINER_ADDRESS"])
+        miners = (env["MINER_ADDRESS"], env["MINER1_ADDRESS"])
+        miners_before = sum(balance(m)[0] for m in miners)
         assert client_before[0] > 0
 
         submitted = json.loads(
@@ -89,7 +90,27 @@ def test_readme_walkthrough_with_real_grpcurl(tmp_path: Path) -> None:
         assert paid + int(final.get("fee_amount", 0)) == price
 
         assert balance(env["CLIENT_ADDRESS"]) == (client_before[0] - price, 0)
-        assert balance(env["MINER_ADDRESS"]) == (miner_before[0] + paid, 0)
+        assert sum(balance(m)[0] for m in miners) == miners_before + paid
+        assert all(balance(m)[1] == 0 for m in miners)
+
+        # A workload verified by redundancy: both devnet miners run it.
+        embed = json.loads(
+            grpcurl(
+                coord,
+                "aitbc.v1.CoordinatorService/SubmitJob",
+                token=token,
+                data={
+                    "request_id": "try-2",
+                    "spec": {"embed": {"texts": ["a gpu marketplace"]}, "max_price": "1000000"},
+                },
+            )
+        )["job"]
+        events = stream_objects(
+            grpcurl(coord, "aitbc.v1.CoordinatorService/WatchJob", token=token, data={"job_id": embed["job_id"]})
+        )
+        final = events[-1]["job"]
+        assert final["state"] == "JOB_STATE_SETTLED", final
+        assert sorted(r["miner_id"] for r in final["runs"]) == ["devnet-miner-0", "devnet-miner-1"]
 
         # A bad request comes back as a clear status: grpcurl exits 64 + code.
         assert GRPCURL
@@ -113,7 +134,7 @@ def test_readme_walkthrough_with_real_grpcurl(tmp_path: Path) -> None:
         assert bad.returncode == 64 + 3, bad.stderr  # INVALID_ARGUMENT
         assert "spec.matmul.n" in bad.stderr
     finally:
-        # Ctrl-C, as in the terminal: all three stop cleanly.
+        # Ctrl-C, as in the terminal: everything stops cleanly.
         devnet.send_signal(signal.SIGINT)
         out, _ = devnet.communicate(timeout=60)
     assert devnet.returncode == 0, out
