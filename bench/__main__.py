@@ -13,11 +13,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from aitbc.pgtemp import PostgresUnavailable, TempPostgres
-from bench import miner_overhead, wallet_settlements
+from bench import miner_overhead, wallet_settlements, workloads
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- bench:wallet:begin -->", "<!-- bench:wallet:end -->"
 MBEGIN, MEND = "<!-- bench:miner:begin -->", "<!-- bench:miner:end -->"
+WBEGIN, WEND = "<!-- bench:workloads:begin -->", "<!-- bench:workloads:end -->"
 
 
 def machine() -> str:
@@ -83,14 +84,48 @@ def miner_section() -> str:
     )
 
 
+def workloads_section() -> str:
+    w = workloads.run()
+    seconds = ", ".join
+    lines = [
+        WBEGIN,
+        f"Measured {datetime.now(UTC):%Y-%m-%d} on {machine()}, CPU only; medians of {workloads.RUNS} warm runs.",
+        "",
+        "matmul fp32: the miner's whole run (making A and B from the seed, the multiplications, writing C)",
+        "against the coordinator's check of its result (making A and B again, then 8 Freivalds rounds):",
+        "",
+        "| n | repeats | miner (s) | verification (s) | verification / miner | miner runs | verification runs |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in w["matmul"]:
+        lines.append(
+            f"| {r['n']} | {r['repeats']} | {r['miner']:.4f} | {r['verify']:.4f} | **{r['ratio']:.1%}** | "
+            f"{seconds(f'{x:.4f}' for x in r['miner_runs'])} | {seconds(f'{x:.4f}' for x in r['verify_runs'])} |"
+        )
+    llm, llm_runs = w["llm"]
+    embed, embed_runs = w["embed"]
+    lines += [
+        "",
+        "| workload | model | median | runs |",
+        "| --- | --- | --- | --- |",
+        f"| llm_gen, greedy, 128 tokens | tiny 2-layer GPT-2 (built offline) | **{llm:.0f} tokens/s** | "
+        f"{seconds(f'{x:.0f}' for x in llm_runs)} |",
+        f"| embed, 64 texts | all-MiniLM-L6-v2 (packaged) | **{embed:.0f} texts/s** | "
+        f"{seconds(f'{x:.0f}' for x in embed_runs)} |",
+        WEND,
+    ]
+    return "\n".join(lines)
+
+
 PARTS = {
     "wallet": (BEGIN, END, "Wallet settlements", wallet_section),
     "miner": (MBEGIN, MEND, "Miner harness overhead", miner_section),
+    "workloads": (WBEGIN, WEND, "Workloads: verification cost and throughput", workloads_section),
 }
 
 
 def main(argv: list[str]) -> None:
-    """`python -m bench [wallet] [miner]`: the named parts, or all; each part's
+    """`python -m bench [wallet] [miner] [workloads]`: the named parts, or all; each part's
     section of BENCHMARKS.md is rewritten as soon as it is measured."""
     path = ROOT / "BENCHMARKS.md"
     for name in argv or list(PARTS):

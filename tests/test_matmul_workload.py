@@ -27,7 +27,9 @@ def test_inputs_are_pinned_to_the_generator_not_to_numpy_internals() -> None:
     assert a.min() >= -1.0 and a.max() < 1.0
 
 
-PINNED_DIGEST = "42dc43810921903d5927405826c842973e867a3512c6082a98e76bb6df41f90c"
+# Moved once on purpose (2026-11-27): two values per PCG64 output, to halve
+# the generation that dominates both the miner's and the checker's time.
+PINNED_DIGEST = "21a9efae6f4ae7b56fbd1908162426d8963d1ad9d30a97fa89c960af6d706c44"
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
@@ -69,6 +71,9 @@ def test_wrong_results_fail(dtype: str) -> None:
         "other seed": _exact(MatmulParams(n=128, dtype=dtype, seed=10)),
         "B @ A": b.astype(np.float64) @ a.astype(np.float64),
         "random": np.random.default_rng(0).normal(0, np.std(c), c.shape),
+        # Finite but absurd: the float32 check products overflow to inf and
+        # inf - inf is NaN, which must fail rather than compare as small.
+        "near float32 max": np.where(np.arange(c.size).reshape(c.shape) % 2, 3e38, -3e38),
         # The smallest single-element error each dtype resolves: low
         # precision leaves honest noise that a tiny error hides in.
         "one element off": c + np.pad(np.full((1, 1), OFF[dtype]), ((5, 122), (7, 120))),
