@@ -40,6 +40,8 @@ class MinerAdminServicer(miner_pb2_grpc.MinerAdminServiceServicer):
             jobs=jobs,
             slots=hello.capabilities.slots,
             earned_uait=a.earned,
+            reputation=a.reputation,
+            models=sorted(a.config.models),
             draining=a.draining,
             payout_address=hello.payout_address,
             start_time=a.start_time,

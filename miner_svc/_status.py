@@ -20,6 +20,8 @@ def render(s: miner_pb2.GetStatusResponse) -> str:
         f"coordinator {s.coordinator}  {'connected' if s.connected else 'NOT CONNECTED'}",
         f"payouts     {s.payout_address}",
         f"earned      {s.earned_uait / 1e6:,.6f} AIT since {s.start_time.ToDatetime():%Y-%m-%d %H:%M:%S} UTC",
+        f"reputation  {s.reputation:.3f}" if s.reputation else "reputation  no verdict yet",
+        f"models      {', '.join(s.models) if s.models else 'none (matmul only)'}",
     ]
     telemetry = {t.index: t for t in s.telemetry}
     for g in s.gpus:

@@ -111,6 +111,8 @@ async def test_status_shows_the_running_job_and_drain_stops_the_sidecar(network:
         assert "miner       miner-1  (cpu, 1 slot)" in out.stdout
         assert "connected" in out.stdout and "gpus        none (CPU mode)" in out.stdout
         assert f"job         {job.job_id}  running" in out.stdout
+        assert "reputation  no verdict yet" in out.stdout
+        assert "models      embed/all-minilm-l6-v2" in out.stdout  # the packaged MiniLM, always offered
         wrong = await asyncio.to_thread(doctor_like, "status", "--admin-port", str(admin_port), token="not-it")
         assert wrong.returncode == 1 and "UNAUTHENTICATED" in wrong.stdout
         async with grpc.aio.insecure_channel(f"127.0.0.1:{admin_port}") as ch:
