@@ -120,6 +120,8 @@ class MinerSession:
     max_vram: int
     # "workload/name" of each model it holds.
     models: frozenset[str] = frozenset()
+    # Assignments it queues beyond its slots, preparing them meanwhile.
+    prefetch: int = 0
     session_id: str = field(default_factory=lambda: "sess_" + secrets.token_hex(8))
     outbox: asyncio.Queue[cpb.ConnectResponse | None] = field(default_factory=asyncio.Queue)
     # lease id -> (job id, output size limit)
@@ -142,7 +144,12 @@ class MinerSession:
 
     @property
     def free_slots(self) -> int:
-        return max(0, self.slots - len(self.leases))
+        """Assignments it can take now: idle slots plus its prefetch queue."""
+        return max(0, self.slots + self.prefetch - len(self.leases))
+
+    @property
+    def idle(self) -> bool:
+        return len(self.leases) < self.slots
 
     def can_run(self, workload: str, model: str, req: cpb.Requirements) -> bool:
         if workload not in self.workloads:
@@ -558,9 +565,13 @@ class Coordinator:
                 if not any(s.free_slots for s in sessions):
                     return
                 continue
-            # Policy: best reputation first, then least loaded, then the
+            # Policy: a miner with an idle slot before one that would only
+            # queue the job; then best reputation, least loaded, and the
             # longest connected (stable miners).
-            session = min(free, key=lambda s: (-s.reputation, 1 - s.free_slots / s.slots, s.connected_at))
+            session = min(
+                free,
+                key=lambda s: (not s.idle, -s.reputation, len(s.leases) / (s.slots + s.prefetch), s.connected_at),
+            )
             await self._assign(session, rec)
 
     async def _assign(self, session: MinerSession, rec: JobRecord) -> None:

@@ -220,6 +220,8 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
         caps = hello.capabilities
         if caps.slots < 1 or caps.slots > 64:
             raise InvalidArgument("capabilities.slots must be in 1..64", field="hello.capabilities.slots")
+        if caps.prefetch > 4:
+            raise InvalidArgument("capabilities.prefetch must be in 0..4", field="hello.capabilities.prefetch")
         standing = await self._core.db(self._core.store.standing, hello.miner_id)
         if self._core.banned(standing):
             raise PermissionDenied(
@@ -240,6 +242,7 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
             gpu=gpu,
             max_vram=max((g.memory_total_bytes for g in caps.gpus), default=0),
             models=frozenset(f"{m.workload}/{m.name}" for m in caps.models),
+            prefetch=caps.prefetch,
         )
 
     async def _read(self, session: MinerSession, requests: AsyncIterator[cpb.ConnectRequest]) -> None:

@@ -41,6 +41,7 @@ OPTIONS = [
     cfg.Option("ACCEL_MODE", str, "auto", "auto, gpu or cpu", bare_env=True),
     cfg.Option("KEY_FILE", Path, None, "Ed25519 receipt key (default WORK_DIR/miner.key)", bare_env=True),
     cfg.Option("MAX_RUNTIME_SECS", float, 3600.0, "a job running longer is killed and reported failed", bare_env=True),
+    cfg.Option("PREFETCH", int, 1, "assignments taken beyond the slots, their inputs made while jobs run (0..4)"),
     cfg.Option("DRAIN_SECS", float, 60.0, "on SIGTERM, how long running jobs may finish", bare_env=True),
     cfg.Option(
         "MODELS",
@@ -112,6 +113,7 @@ def main(argv: list[str]) -> int:
         gpus=tuple(gpus),
         max_runtime=conf["MAX_RUNTIME_SECS"],
         models=models,
+        prefetch=max(0, min(4, conf["PREFETCH"])),
     )
     log.info(
         "miner_starting",

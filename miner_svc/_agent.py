@@ -25,6 +25,7 @@ from aitbc.timeutil import duration, ts_now
 from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import coordinator_pb2_grpc, signing_pb2
 from miner_svc._gpu import Gpu, Nvml
+from miner_svc._prepare import prepare
 from miner_svc._runs import RunOutcome
 from miner_svc._worker import JobFailed, SlotPool
 
@@ -50,6 +51,8 @@ class MinerConfig:
     max_runtime: float = 3600.0
     # "workload/name" -> local folder of each model it holds.
     models: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Assignments taken beyond the slots, prepared while the slots work.
+    prefetch: int = 1
 
 
 class FatalMinerError(Exception):
@@ -77,6 +80,7 @@ class MinerAgent:
         self.draining = False
         self.start_time = ts_now()
         self.job_of: dict[str, str] = {}  # lease -> job, for the admin API
+        self._started: set[str] = set()  # leases that hold a slot (not only prefetched)
         self.progress_of: dict[str, float] = {}
         self.reputation = 0.0  # as the coordinator last told us
 
@@ -94,6 +98,7 @@ class MinerAgent:
                     for workload, _, name in sorted(key.partition("/") for key in c.models)
                 ],
                 slots=c.slots,
+                prefetch=c.prefetch,
                 accel=cpb.ACCEL_KIND_CUDA if c.device == "cuda" else cpb.ACCEL_KIND_CPU,
                 gpus=[
                     cpb.GpuInfo(
@@ -295,6 +300,13 @@ class MinerAgent:
         if self._out is not None:
             self._out.put_nowait(self._heartbeat())
         log.info("draining", running=len(self._running), grace_seconds=grace)
+        # Prefetched jobs that never started go back at once, for another miner.
+        for lease_id in [lease for lease in self._running if lease not in self._started]:
+            self._running.pop(lease_id).cancel()
+            self._finished[lease_id] = cpb.ConnectRequest(
+                failure=cpb.JobFailure(lease_id=lease_id, reason="miner is shutting down")
+            )
+            self._deliver(lease_id)
         deadline = asyncio.get_running_loop().time() + grace
         if self._running:
             await asyncio.wait(list(self._running.values()), timeout=grace)
@@ -325,11 +337,14 @@ class MinerAgent:
         self.job_of[a.lease_id] = a.job_id
         job_dir = self.config.work_dir / "jobs" / a.lease_id
         try:
-            if self._out is not None:
-                self._out.put_nowait(cpb.ConnectRequest(accepted=cpb.AssignmentAccepted(lease_id=a.lease_id)))
-            log.info("job_started", device=self.config.device)
-            start = ts_now()
+            # While the slots are busy with earlier jobs, make this one's inputs.
+            await asyncio.to_thread(prepare, a.job_spec, job_dir)
             async with self.pool.slot() as slot:
+                self._started.add(a.lease_id)
+                if self._out is not None:
+                    self._out.put_nowait(cpb.ConnectRequest(accepted=cpb.AssignmentAccepted(lease_id=a.lease_id)))
+                log.info("job_started", device=self.config.device, slot=slot.index)
+                start = ts_now()
                 with self.nvml.energy_meter(slot.index) as meter:
                     outcome: RunOutcome = await slot.run(
                         a.job_spec,
@@ -383,6 +398,7 @@ class MinerAgent:
             )
         finally:
             self._running.pop(a.lease_id, None)
+            self._started.discard(a.lease_id)
         self._deliver(a.lease_id)
 
     async def _upload(self, path: Path, lease_id: str, out: asyncio.Queue[cpb.ConnectRequest | None]) -> None:

@@ -306,3 +306,21 @@ async def test_watchers_see_progress_while_the_job_runs(net: tuple[Network, Clie
         " of 60"
     )
     assert events[-1].state == cpb.JOB_STATE_SETTLED and events[-1].progress == 0
+
+
+async def test_the_next_job_is_prefetched_and_prepared_while_one_runs(net: tuple[Network, Clients]) -> None:
+    network, clients = net
+    network.start_miner()  # one slot, PREFETCH=1 by default
+    first = await clients.submit(long_spec())
+    await running_on(clients, first.job_id, "miner-1")
+    second = await clients.submit(matmul_spec(n=512))
+
+    async def queued_at_the_miner_with_inputs_made() -> None:
+        job = await get(clients, second.job_id)
+        assert job.state == cpb.JOB_STATE_ASSIGNED and job.miner_id == "miner-1", job
+        assert list((network.root / "miner" / "jobs").glob("*/inputs.npy")), "inputs not prepared"
+
+    await eventually(queued_at_the_miner_with_inputs_made)
+    assert (await get(clients, first.job_id)).state == cpb.JOB_STATE_RUNNING  # the slot was busy all along
+    finals = [(await clients.watch(j.job_id))[-1] for j in (first, second)]
+    assert [f.state for f in finals] == [cpb.JOB_STATE_SETTLED] * 2

@@ -152,7 +152,8 @@ def freivalds(params: MatmulParams, data: bytes, rounds: int = FREIVALDS_ROUNDS)
     # float32 products: their rounding (~1e-7 relative) is far inside the
     # smallest tolerance (1e-4), and they run at BLAS speed without copies.
     br = b @ r
-    lhs = c @ r
+    with np.errstate(over="ignore", invalid="ignore"):  # a cheater's absurd C; caught below
+        lhs = c @ r
     rhs = a @ br
     scale = np.outer(np.linalg.norm(a, axis=1), np.linalg.norm(br, axis=0)).astype(np.float64) / np.sqrt(n)
     bound = TOLERANCE[params.dtype] * scale + 1e-30
