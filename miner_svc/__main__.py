@@ -26,7 +26,7 @@ from miner_svc._admin import build_admin
 from miner_svc._agent import FatalMinerError, MinerAgent, MinerConfig, ensure_dir
 from miner_svc._gpu import inventory
 from miner_svc._models import local_models
-from miner_svc._worker import Slot, SlotPool
+from miner_svc._worker import VRAM_CAP_ENV, Slot, SlotPool
 
 log = structlog.get_logger()
 
@@ -41,6 +41,12 @@ OPTIONS = [
     cfg.Option("ACCEL_MODE", str, "auto", "auto, gpu or cpu", bare_env=True),
     cfg.Option("KEY_FILE", Path, None, "Ed25519 receipt key (default WORK_DIR/miner.key)", bare_env=True),
     cfg.Option("MAX_RUNTIME_SECS", float, 3600.0, "a job running longer is killed and reported failed", bare_env=True),
+    cfg.Option(
+        "VRAM_CAP_FRACTION",
+        float,
+        0.95,
+        "a job allocating more than this share of its GPU's memory is killed and reported (0 < x <= 1)",
+    ),
     cfg.Option("PREFETCH", int, 1, "assignments taken beyond the slots, their inputs made while jobs run (0..4)"),
     cfg.Option("DRAIN_SECS", float, 60.0, "on SIGTERM, how long running jobs may finish", bare_env=True),
     cfg.Option(
@@ -94,6 +100,8 @@ def main(argv: list[str]) -> int:
         check_address(payout, field="WALLET_ADDR")
     except InvalidArgument as exc:
         raise SystemExit(f"WALLET_ADDR: {exc.message}") from None
+    if not 0 < conf["VRAM_CAP_FRACTION"] <= 1:
+        raise SystemExit(f"VRAM_CAP_FRACTION must be in (0, 1], not {conf['VRAM_CAP_FRACTION']}")
     try:
         models = local_models(conf["MODELS"])
     except ValueError as exc:
@@ -114,6 +122,7 @@ def main(argv: list[str]) -> int:
         max_runtime=conf["MAX_RUNTIME_SECS"],
         models=models,
         prefetch=max(0, min(4, conf["PREFETCH"])),
+        vram_cap_fraction=conf["VRAM_CAP_FRACTION"],
     )
     log.info(
         "miner_starting",
@@ -130,7 +139,8 @@ def main(argv: list[str]) -> int:
 async def serve(config: MinerConfig, key: KeyPair, ready_file: str, drain_secs: float, admin_port: int) -> int:
     if config.device == "cuda":
         # One slot per GPU, each worker seeing only its own.
-        slots = [Slot(i, {"CUDA_VISIBLE_DEVICES": config.gpus[i].uuid}) for i in range(config.slots)]
+        cap = {VRAM_CAP_ENV: str(config.vram_cap_fraction)}
+        slots = [Slot(i, {"CUDA_VISIBLE_DEVICES": config.gpus[i].uuid, **cap}) for i in range(config.slots)]
     else:
         slots = [Slot(i, {"CUDA_VISIBLE_DEVICES": ""}) for i in range(config.slots)]
     pool = SlotPool(slots)

@@ -53,6 +53,8 @@ class MinerConfig:
     models: dict[str, str] = dataclasses.field(default_factory=dict)
     # Assignments taken beyond the slots, prepared while the slots work.
     prefetch: int = 1
+    # Share of its GPU's memory one job may allocate.
+    vram_cap_fraction: float = 0.95
 
 
 class FatalMinerError(Exception):

@@ -75,8 +75,7 @@ def _worker_main(conn: Connection, env: dict[str, str], target: Callable[..., An
     # The sidecar handles Ctrl-C and SIGTERM; a worker just works until told.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    with contextlib.suppress(ImportError):
-        import torch  # noqa: F401  warm: the first job should not pay for the import
+    cap = _apply_vram_cap(env.get(VRAM_CAP_ENV, ""))
     while True:
         try:
             msg = conn.recv()
@@ -86,8 +85,32 @@ def _worker_main(conn: Connection, env: dict[str, str], target: Callable[..., An
             return
         try:
             conn.send(("ok", target(*msg)))
-        except BaseException as exc:  # report everything; the worker lives on
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        except BaseException as exc:  # report everything
+            if type(exc).__name__ == "OutOfMemoryError":
+                # torch.OutOfMemoryError: the job hit this slot's cap (or the
+                # card). The slot kills this worker so the next job starts
+                # on a clean CUDA context, not on fragments.
+                conn.send(("fatal", f"exceeded its VRAM cap{cap} and was killed: {exc}".split("\n")[0][:400]))
+            else:
+                conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+VRAM_CAP_ENV = "AITBC_VRAM_CAP_FRACTION"
+
+
+def _apply_vram_cap(fraction: str) -> str:
+    """Cap this worker's CUDA allocations at a fraction of its GPU's memory;
+    returns how the cap reads in a failure message ("" when none)."""
+    try:
+        import torch
+    except ImportError:
+        return ""
+    if not fraction or not torch.cuda.is_available():
+        return ""
+    value = float(fraction)
+    torch.cuda.set_per_process_memory_fraction(value, 0)
+    total = torch.cuda.get_device_properties(0).total_memory
+    return f" of {value * total / 2**30:.1f} GiB"
 
 
 class Slot:
@@ -143,6 +166,9 @@ class Slot:
                     on_progress(msg[1], msg[2])
                 continue
             status, value = msg
+            if status == "fatal":
+                self.kill("vram cap")
+                raise JobFailed(str(value))
             if status == "error":
                 raise JobFailed(str(value))
             return value

@@ -26,3 +26,10 @@ def sleep(seconds: float) -> str:
 
 def env(name: str) -> str:
     return os.environ.get(name, "<unset>")
+
+
+def exhaust_vram() -> str:
+    """What torch raises when a job allocates past the slot's VRAM cap."""
+    import torch
+
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")

@@ -85,3 +85,18 @@ async def test_each_slot_sees_only_its_gpu() -> None:
         assert await slot.run("CUDA_VISIBLE_DEVICES", max_runtime=60) == "GPU-test-uuid"
     finally:
         slot.stop()
+
+
+async def test_a_job_past_its_vram_cap_is_killed_and_the_slot_gets_a_fresh_worker() -> None:
+    slot = Slot(0, {}, target=t.exhaust_vram)
+    try:
+        slot.start()
+        before = slot.pid
+        with pytest.raises(JobFailed) as err:
+            await slot.run(max_runtime=60)
+        assert str(err.value).startswith("exceeded its VRAM cap and was killed: CUDA out of memory")
+        assert slot.pid is None  # killed; the next job starts a new worker
+        slot.start()
+        assert slot.pid not in (None, before)
+    finally:
+        slot.stop()
