@@ -181,8 +181,10 @@ class Matmul(Workload[MatmulParams]):
         return MatmulParams(n=p.n, dtype=DTYPE_NAMES.get(p.dtype, ""), seed=p.seed, repeats=p.repeats or 1).validate()
 
     def work_units(self, params: MatmulParams) -> int:
-        # Every multiplication the client asked for: repeats are work too.
-        return -(-params.flops * params.repeats // 10**6)
+        # The one product that comes back and is checked: repeats cannot be
+        # verified (a miner may skip them and still return the right C), so
+        # they are not paid for.
+        return -(-params.flops // 10**6)
 
     def max_output_size(self, params: MatmulParams) -> int:
         return params.output_size
