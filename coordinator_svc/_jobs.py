@@ -546,7 +546,13 @@ class Coordinator:
             sessions = list(self.sessions.values())
             spec = cpb.JobSpec.FromString(rec.spec)
             req = spec.requirements
-            workload, params = workload_of(spec)
+            try:
+                workload, params = workload_of(spec)
+            except AitbcError as exc:
+                # Valid when submitted, refused by this build's rules: end it
+                # rather than let it stall the queue behind it.
+                await self._end(rec, [st.QUEUED], st.FAILED, f"the job is no longer valid: {exc.message}")
+                continue
             model = workload.model(params)
             refused = set(rec.refused_miners.split())
             eligible = [s for s in sessions if s.accepts_work and s.miner_id not in refused]

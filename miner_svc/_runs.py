@@ -16,6 +16,8 @@ T = TypeVar("T")
 # dropped so one slot never holds every model a host offers.
 MODELS_KEPT = 2
 _models: OrderedDict[tuple[str, ...], Any] = OrderedDict()
+# Loads this process has done, for the status and the tests.
+loads = 0
 
 
 @dataclass(frozen=True)
@@ -54,9 +56,11 @@ def loaded(key: tuple[str, ...], load: Callable[[], T]) -> T:
     if key in _models:
         _models.move_to_end(key)
         return _models[key]
+    global loads
     while len(_models) >= MODELS_KEPT:
         _models.popitem(last=False)
     model = load()
+    loads += 1
     _models[key] = model
     return model
 

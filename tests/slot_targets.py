@@ -33,3 +33,13 @@ def exhaust_vram() -> str:
     import torch
 
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def run_then_count_loads(spec_bytes: bytes, out_path: str, models: dict[str, str]) -> int:
+    """A real job through the worker's entry point; how many model loads
+    this worker process has done so far."""
+    from miner_svc import _runs
+    from miner_svc._worker import run_job
+
+    run_job(spec_bytes, "cpu", out_path, models)
+    return _runs.loads

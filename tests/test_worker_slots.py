@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -98,5 +99,24 @@ async def test_a_job_past_its_vram_cap_is_killed_and_the_slot_gets_a_fresh_worke
         assert slot.pid is None  # killed; the next job starts a new worker
         slot.start()
         assert slot.pid not in (None, before)
+    finally:
+        slot.stop()
+
+
+async def test_a_model_stays_loaded_between_jobs_of_its_kind(tmp_path: Path, tiny_models: str) -> None:
+    from aitbc.v1 import coordinator_pb2 as cpb
+    from aitbc.v1 import workloads_pb2 as wpb
+    from miner_svc._models import parse_models
+
+    models = parse_models(tiny_models)
+    slot = Slot(0, {}, target=t.run_then_count_loads)
+    try:
+        loads = []
+        for i, prompt in enumerate(["hello", "world", "gpus"]):
+            spec = cpb.JobSpec(llm_gen=wpb.LlmGenParams(model="tiny-gpt2", prompt=prompt, max_new_tokens=4))
+            loads.append(await slot.run(spec.SerializeToString(), str(tmp_path / f"{i}.pb"), models, max_runtime=120))
+        sd = cpb.JobSpec(sd_infer=wpb.SdInferParams(model="tiny-sd", prompt="fox", width=32, height=32, steps=1))
+        loads.append(await slot.run(sd.SerializeToString(), str(tmp_path / "sd.png"), models, max_runtime=120))
+        assert loads == [1, 1, 1, 2]  # loaded once for three jobs; the other kind loads its own
     finally:
         slot.stop()

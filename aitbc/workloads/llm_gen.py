@@ -19,8 +19,9 @@ NAME = "llm_gen"
 MAX_PROMPT_BYTES = 8192
 MAX_NEW_TOKENS = 1024
 PROMPT_BYTES_PER_TOKEN = 4
-# Most bytes one generated token can decode to, for the upload limit.
-MAX_BYTES_PER_TOKEN = 64
+# Most bytes one generated token can decode to, for the upload limit
+# (generous: an honest output cut off here would be refused as bad).
+MAX_BYTES_PER_TOKEN = 256
 
 
 @dataclass(frozen=True)
