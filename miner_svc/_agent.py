@@ -339,8 +339,11 @@ class MinerAgent:
         self.job_of[a.lease_id] = a.job_id
         job_dir = self.config.work_dir / "jobs" / a.lease_id
         try:
-            # While the slots are busy with earlier jobs, make this one's inputs.
-            await asyncio.to_thread(prepare, a.job_spec, job_dir)
+            if not self.pool.has_free_slot():
+                # Prefetched: make its inputs while the slots finish earlier
+                # jobs. (With a slot free the worker makes them itself,
+                # without a trip through the disk.)
+                await asyncio.to_thread(prepare, a.job_spec, job_dir)
             async with self.pool.slot() as slot:
                 self._started.add(a.lease_id)
                 if self._out is not None:

@@ -215,6 +215,9 @@ class SlotPool:
         for slot in self.slots:
             slot.start()
 
+    def has_free_slot(self) -> bool:
+        return self._free is None or not self._free.empty()
+
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[Slot]:
         """A free slot for the length of one job."""
