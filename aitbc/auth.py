@@ -10,9 +10,12 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import json
+import os
 import secrets
+import threading
+import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from google.protobuf.descriptor import ServiceDescriptor
@@ -45,6 +48,12 @@ class Principal:
     address: str = ""
     # For miners: the only miner id this token may speak for.
     miner_id: str = ""
+    # Epoch seconds after which the token is refused; 0: never.
+    expires: float = 0.0
+
+    @property
+    def expired(self) -> bool:
+        return bool(self.expires) and time.time() >= self.expires
 
     @property
     def role_value(self) -> int:
@@ -66,36 +75,83 @@ class TokenTable:
     """Maps token hashes to principals. Loaded from a JSON file:
 
     {"principals": [{"token_sha256": "...", "name": "...", "role": "client",
-                     "address": "ait_...", "miner_id": ""}]}
+                     "address": "ait_...", "miner_id": "", "expires": 0}]}
+
+    A table loaded from a file follows it: tokens issued or revoked with
+    `python -m aitbc.tokens` take effect within a second, without a restart.
+    A file that no longer parses is logged and the last good table kept.
     """
 
-    def __init__(self, entries: Mapping[str, Principal]) -> None:
+    RELOAD_SECS = 1.0
+
+    def __init__(self, entries: Mapping[str, Principal], path: Path | None = None) -> None:
         self._by_hash = dict(entries)
+        self._path = path
+        self._stamp = _stamp(path) if path else None
+        self._checked = time.monotonic()
+        self._lock = threading.Lock()
 
     @classmethod
     def load(cls, path: Path) -> TokenTable:
-        data = json.loads(Path(path).read_text())
-        entries: dict[str, Principal] = {}
-        for item in data.get("principals", []):
-            role = item["role"]
-            if role not in ROLE_NAMES:
-                raise ValueError(f"{path}: unknown role {role!r}")
-            entries[item["token_sha256"]] = Principal(
-                name=item["name"],
-                role=role,
-                address=item.get("address", ""),
-                miner_id=item.get("miner_id", ""),
-            )
-        return cls(entries)
+        return cls(read_principals(Path(path)), Path(path))
 
     @staticmethod
     def dump(path: Path, principals: Iterable[tuple[str, Principal]]) -> None:
         """Write (token, principal) pairs, keeping only the token hashes."""
-        items = [{"token_sha256": hash_token(tok), **asdict(p)} for tok, p in principals]
-        Path(path).write_text(json.dumps({"principals": items}, indent=2) + "\n")
+        write_principals(Path(path), {hash_token(tok): p for tok, p in principals})
 
     def lookup(self, token: str) -> Principal | None:
+        self._maybe_reload()
         return self._by_hash.get(hash_token(token))
+
+    def _maybe_reload(self) -> None:
+        if self._path is None or time.monotonic() - self._checked < self.RELOAD_SECS:
+            return
+        with self._lock:
+            self._checked = time.monotonic()
+            stamp = _stamp(self._path)
+            if stamp == self._stamp:
+                return
+            try:
+                self._by_hash = read_principals(self._path)
+            except (OSError, ValueError, KeyError) as exc:
+                import structlog
+
+                structlog.get_logger().error("tokens_file_unreadable", path=str(self._path), error=str(exc))
+            self._stamp = stamp
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+_FIELDS = {f.name for f in fields(Principal)}
+
+
+def read_principals(path: Path) -> dict[str, Principal]:
+    data = json.loads(path.read_text())
+    entries: dict[str, Principal] = {}
+    for item in data.get("principals", []):
+        if item["role"] not in ROLE_NAMES:
+            raise ValueError(f"{path}: unknown role {item['role']!r}")
+        entries[item["token_sha256"]] = Principal(**{k: v for k, v in item.items() if k in _FIELDS})
+    return entries
+
+
+def write_principals(path: Path, entries: Mapping[str, Principal]) -> None:
+    """Atomically, mode 0600: the file names every identity on the network."""
+    items = [{"token_sha256": h, **asdict(p)} for h, p in entries.items()]
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({"principals": items}, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
 
 
 def role_table(services: Iterable[ServiceDescriptor]) -> dict[str, frozenset[int]]:

@@ -182,10 +182,11 @@ def make_network(root: Path) -> Network:
     treasury = address_of(KeyPair.generate().public_key)
     ids: dict[str, Identity] = {}
 
-    def add(name: str, role: str, *, with_key: bool = False, miner_id: str = "") -> None:
+    def add(name: str, role: str, *, with_key: bool = False, miner_id: str = "", expires: float = 0.0) -> None:
         key = KeyPair.generate() if with_key else None
         address = address_of(key.public_key) if key else ""
-        ids[name] = Identity(new_token(), Principal(name, role, address=address, miner_id=miner_id), key)
+        principal = Principal(name, role, address=address, miner_id=miner_id, expires=expires)
+        ids[name] = Identity(new_token(), principal, key)
 
     add("admin", "admin")
     add("coordinator", "coordinator")
@@ -196,5 +197,6 @@ def make_network(root: Path) -> Network:
     add("miner3", "miner", with_key=True, miner_id="miner-3")
     add("cheater", "miner", with_key=True, miner_id="cheater-1")
     add("cheater2", "miner", with_key=True, miner_id="cheater-2")
+    add("expired", "admin", expires=1.0)  # expired in 1970: refused everywhere
     TokenTable.dump(root / "principals.json", [(i.token, i.principal) for i in ids.values()])
     return Network(root=root, coordinator_key=coordinator_key, treasury=treasury, ids=ids)

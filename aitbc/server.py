@@ -76,6 +76,8 @@ class _Gate:
         principal = self._tokens.lookup(token)
         if principal is None:
             raise Unauthenticated("unknown or revoked token", reason="BAD_TOKEN")
+        if principal.expired:
+            raise Unauthenticated("the token has expired: ask the network for a new one", reason="TOKEN_EXPIRED")
         if principal.role_value not in allowed:
             raise PermissionDenied(f"role {principal.role} may not call {method}", reason="ROLE_NOT_ALLOWED")
         return principal
