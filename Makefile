@@ -8,7 +8,7 @@ PROTO_SRC := $(wildcard protos/aitbc/v1/*.proto)
 PROTO_STAMP := aitbc/v1/.generated
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install protos run test bench lint clean
+.PHONY: install protos run test bench lint clean certs
 
 install: $(STAMP)
 
@@ -48,3 +48,7 @@ lint: install protos
 clean:
 	rm -rf aitbc/v1 var .pytest_cache .mypy_cache .ruff_cache .hypothesis
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
+
+# A development CA and one node certificate (server and client) in var/certs.
+certs: install
+	$(PY) -m aitbc.certs var/certs

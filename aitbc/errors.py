@@ -68,6 +68,11 @@ class ResourceExhausted(AitbcError):
     code = "RESOURCE_EXHAUSTED"
     reason = "RESOURCE_EXHAUSTED"
 
+    def __init__(self, message: str, *, retry_after: float = 0.0, **kw: object) -> None:
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        # Sent as google.rpc.RetryInfo: when the caller may try again.
+        self.retry_after = retry_after
+
 
 class Unavailable(AitbcError):
     code = "UNAVAILABLE"

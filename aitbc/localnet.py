@@ -41,6 +41,8 @@ class Network:
     ids: dict[str, Identity]
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
+    # --tls-ca/--tls-cert/--tls-key for every service and sidecar; empty: plaintext.
+    tls_flags: list[str] = field(default_factory=list)
 
     @property
     def wallet_target(self) -> str:
@@ -62,7 +64,7 @@ class Network:
         self.log(name).parent.mkdir(parents=True, exist_ok=True)
         out = self.log(name).open("ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", module, *flags],
+            [sys.executable, "-m", module, *flags, *self.tls_flags],
             cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT), **env},
             stdout=out,

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import grpc
 from google.rpc import error_details_pb2, status_pb2
+
+if TYPE_CHECKING:
+    from aitbc.tls import TlsConfig
 
 CLIENT_OPTIONS = [
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
@@ -19,6 +24,15 @@ CLIENT_OPTIONS = [
 
 def insecure_channel(target: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(normalize_target(target), options=CLIENT_OPTIONS)
+
+
+def channel(target: str, tls: TlsConfig | None = None) -> grpc.aio.Channel:
+    """TLS (mutual when tls has a certificate) where tls names a CA, else
+    plaintext."""
+    creds = tls.channel_credentials() if tls is not None else None
+    if creds is None:
+        return insecure_channel(target)
+    return grpc.aio.secure_channel(normalize_target(target), creds, options=CLIENT_OPTIONS)
 
 
 def normalize_target(url: str) -> str:

@@ -8,8 +8,10 @@ import asyncio
 import itertools
 import os
 import signal
+import time
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,9 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from aitbc.auth import PUBLIC_SERVICES, Principal, TokenTable, bearer_token, current_principal, role_table
-from aitbc.errors import DOMAIN, AitbcError, PermissionDenied, Unauthenticated
+from aitbc.config import Option
+from aitbc.errors import DOMAIN, AitbcError, PermissionDenied, ResourceExhausted, Unauthenticated
+from aitbc.tls import SERVER_TLS_OPTIONS, TlsConfig, check_plaintext
 
 log = structlog.get_logger()
 
@@ -38,6 +42,11 @@ def rich_status(err: AitbcError) -> grpc.Status:
             field_violations=[error_details_pb2.BadRequest.FieldViolation(field=err.field, description=err.message)]
         )
         details.append(_pack(bad))
+    retry_after = getattr(err, "retry_after", 0.0)
+    if retry_after:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromMilliseconds(max(1, int(retry_after * 1000)))
+        details.append(_pack(retry))
     st = status_pb2.Status(code=getattr(code_pb2, err.code), message=err.message, details=details)
     return rpc_status.to_status(st)
 
@@ -53,12 +62,108 @@ async def _abort(context: grpc.aio.ServicerContext, err: AitbcError) -> None:
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
-class _Gate:
-    """Decides, per call, who the caller is and whether the method allows it."""
+@dataclass(frozen=True)
+class Limits:
+    """What one identity may use of a server. The coordinator's service
+    identity is not rate limited: it speaks for every client's jobs."""
 
-    def __init__(self, tokens: TokenTable, roles: dict[str, frozenset[int]]) -> None:
+    # Calls per second per identity, by role; bursts of twice that.
+    rate_per_sec: Mapping[str, float] = field(
+        default_factory=lambda: {"client": 50.0, "miner": 50.0, "admin": 100.0, "coordinator": 0.0}
+    )
+    # Streams (WatchJob, GetJobResult, Connect) one identity holds open at once.
+    streams_per_identity: int = 64
+
+
+SERVER_OPTIONS = [
+    *SERVER_TLS_OPTIONS,
+    Option(
+        "RATE_LIMITS",
+        str,
+        "client=50,miner=50,admin=100",
+        "calls per second per identity, by role (bursts of twice that); 0 or absent: unlimited",
+    ),
+    Option("STREAMS_PER_IDENTITY", int, 64, "streams one identity may hold open at once"),
+]
+
+
+def server_settings(conf: Mapping[str, Any]) -> tuple[TlsConfig, Limits]:
+    """TLS and limits from a service's config; raises ValueError saying
+    what is wrong (bad values, plaintext off loopback)."""
+    tls = TlsConfig.from_config(dict(conf))
+    check_plaintext(conf["HOST"], tls, conf["ALLOW_PLAINTEXT"])
+    rates: dict[str, float] = {}
+    for entry in (e.strip() for e in conf["RATE_LIMITS"].split(",")):
+        if not entry:
+            continue
+        role, _, value = entry.partition("=")
+        try:
+            rates[role.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"RATE_LIMITS entry {entry!r} is not role=calls_per_second") from None
+    return tls, Limits(rate_per_sec=rates, streams_per_identity=conf["STREAMS_PER_IDENTITY"])
+
+
+class _Bucket:
+    def __init__(self, rate: float) -> None:
+        self.rate, self.capacity = rate, 2 * rate
+        self.tokens, self.stamp = self.capacity, time.monotonic()
+
+    def take(self) -> float:
+        """0 if a call may go now, else the seconds until one may."""
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+class _Gate:
+    """Decides, per call, who the caller is, whether the method allows it, and
+    whether the caller is within its limits."""
+
+    def __init__(self, tokens: TokenTable, roles: dict[str, frozenset[int]], limits: Limits | None = None) -> None:
         self._tokens = tokens
         self._roles = roles
+        self._limits = limits or Limits()
+        self._buckets: dict[str, _Bucket] = {}
+        self.streams: dict[str, int] = {}
+
+    def admit(self, p: Principal) -> None:
+        rate = self._limits.rate_per_sec.get(p.role, 0.0)
+        if not rate:
+            return
+        key = f"{p.role}:{p.name}"
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = _Bucket(rate)
+        wait = bucket.take()
+        if wait:
+            raise ResourceExhausted(
+                f"more than {rate:g} calls a second from {p.name}: slow down",
+                reason="RATE_LIMITED",
+                retry_after=wait,
+            )
+
+    def open_stream(self, p: Principal) -> str:
+        key = f"{p.role}:{p.name}"
+        if self.streams.get(key, 0) >= self._limits.streams_per_identity:
+            raise ResourceExhausted(
+                f"{p.name} already holds {self._limits.streams_per_identity} open streams: close one first",
+                reason="TOO_MANY_STREAMS",
+                retry_after=1.0,
+            )
+        self.streams[key] = self.streams.get(key, 0) + 1
+        return key
+
+    def close_stream(self, key: str) -> None:
+        left = self.streams.get(key, 1) - 1
+        if left > 0:
+            self.streams[key] = left
+        else:
+            self.streams.pop(key, None)
 
     def authorize(self, method: str, metadata: Any) -> Principal | None:
         service = method.split("/")[1] if method.count("/") >= 2 else ""
@@ -116,11 +221,15 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         gate = self._gate
 
-        def enter(context: grpc.aio.ServicerContext) -> None:
+        def enter(context: grpc.aio.ServicerContext) -> Principal | None:
             metadata = context.invocation_metadata()
             request_id = _metadata_value(metadata, "x-request-id") or _next_request_id()
             structlog.contextvars.bind_contextvars(request_id=request_id, method=method)
-            current_principal.set(gate.authorize(method, metadata))
+            who = gate.authorize(method, metadata)
+            if who is not None:
+                gate.admit(who)
+            current_principal.set(who)
+            return who
 
         async def on_error(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
             if isinstance(exc, AitbcError):
@@ -153,14 +262,20 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
         if inner_stream is not None:
 
             async def streaming(arg: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                held = ""
                 try:
-                    enter(context)
+                    who = enter(context)
+                    if who is not None:
+                        held = gate.open_stream(who)
                     async for item in inner_stream(arg, context):
                         yield item
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as exc:
                     await on_error(context, exc)
+                finally:
+                    if held:
+                        gate.close_stream(held)
 
             make = (
                 grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
@@ -211,15 +326,23 @@ class Service:
         tokens: TokenTable,
         host: str,
         port: int,
+        limits: Limits | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.health = health.aio.HealthServicer()
+        self.gate = _Gate(tokens, role_table(services), limits)
         self.server = grpc.aio.server(
-            interceptors=[GateInterceptor(_Gate(tokens, role_table(services)))],
+            interceptors=[GateInterceptor(self.gate)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.keepalive_permit_without_calls", 1),
+                # Pings closer than this (clients keep alive every 20 s) are
+                # strikes; after two the connection gets GOAWAY: a ping flood
+                # costs its sender its connection, not the server its CPU.
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                ("grpc.http2.max_ping_strikes", 2),
+                ("grpc.max_connection_idle_ms", 30 * 60 * 1000),
             ],
         )
         for add in register:
@@ -228,7 +351,10 @@ class Service:
         names = [s.full_name for s in services]
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME, health.SERVICE_NAME], self.server)
         self._names = names
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if tls is not None and tls.serves_tls:
+            self.port = self.server.add_secure_port(f"{host}:{port}", tls.server_credentials())
+        else:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise OSError(f"could not bind {host}:{port}")
 

@@ -11,8 +11,9 @@ from aitbc import config as cfg
 from aitbc.auth import TokenTable
 from aitbc.crypto import load_or_create_key
 from aitbc.logs import setup_logging
-from aitbc.server import wait_for_shutdown_signal, write_ready_file
+from aitbc.server import server_settings, wait_for_shutdown_signal, write_ready_file
 from aitbc.sqlite import SchemaMismatch
+from aitbc.tls import TlsConfig
 from coordinator_svc._jobs import Coordinator, Settings, parse_prices
 from coordinator_svc._store import open_job_store
 from coordinator_svc._wallet import WalletClient
@@ -26,6 +27,10 @@ def main(argv: list[str]) -> int:
     setup_logging("coordinator", conf["LOG_LEVEL"])
     if not conf["WALLET_TOKEN"]:
         raise SystemExit("WALLET_TOKEN is required (env AITBC_COORD_WALLET_TOKEN)")
+    try:
+        server_settings(conf)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     return asyncio.run(serve(conf))
 
 
@@ -47,7 +52,7 @@ async def serve(conf: dict) -> int:
         store = open_job_store(conf["DB"])
     except SchemaMismatch as exc:
         raise SystemExit(str(exc)) from None
-    wallet = WalletClient(conf["WALLET_TARGET"], conf["WALLET_TOKEN"])
+    wallet = WalletClient(conf["WALLET_TARGET"], conf["WALLET_TOKEN"], TlsConfig.from_config(conf))
     core = Coordinator(
         store=store,
         wallet=wallet,

@@ -7,7 +7,8 @@ import grpc
 
 from aitbc.auth import auth_metadata
 from aitbc.errors import AitbcError, FailedPrecondition, Unavailable
-from aitbc.rpc import error_reason, insecure_channel
+from aitbc.rpc import channel, error_reason
+from aitbc.tls import TlsConfig
 from aitbc.v1 import signing_pb2, wallet_pb2, wallet_pb2_grpc
 
 CALL_TIMEOUT = 5.0
@@ -28,8 +29,8 @@ class WalletError(Exception):
 
 
 class WalletClient:
-    def __init__(self, target: str, token: str) -> None:
-        self._channel = insecure_channel(target)
+    def __init__(self, target: str, token: str, tls: TlsConfig | None = None) -> None:
+        self._channel = channel(target, tls)
         self._stub = wallet_pb2_grpc.WalletServiceStub(self._channel)
         self._md = auth_metadata(token)
 

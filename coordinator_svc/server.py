@@ -7,7 +7,7 @@ from pathlib import Path
 
 from aitbc.auth import TokenTable
 from aitbc.config import Option
-from aitbc.server import Service
+from aitbc.server import SERVER_OPTIONS, Service, server_settings
 from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc
 from coordinator_svc._jobs import Coordinator
 from coordinator_svc._servicer import CoordinatorServicer, MinerGatewayServicer
@@ -37,6 +37,7 @@ OPTIONS = [
     Option("READY_FILE", str, "", "write the bound port here once serving"),
     Option("LOG_LEVEL", str, "info", "debug, info, warning or error"),
     Option("SHUTDOWN_GRACE", float, 5.0, "seconds in-flight calls get on shutdown"),
+    *SERVER_OPTIONS,
 ]
 
 
@@ -49,7 +50,10 @@ class CoordinatorDeps:
 def build_server(config: dict, deps: CoordinatorDeps) -> tuple[Service, int]:
     client = CoordinatorServicer(deps.core)
     gateway = MinerGatewayServicer(deps.core)
+    tls, limits = server_settings(config)
     service = Service(
+        tls=tls,
+        limits=limits,
         services=[
             coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"],
             coordinator_pb2.DESCRIPTOR.services_by_name["MinerGatewayService"],

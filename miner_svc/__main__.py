@@ -22,6 +22,7 @@ from aitbc.crypto import KeyPair, load_or_create_key
 from aitbc.errors import InvalidArgument
 from aitbc.logs import setup_logging
 from aitbc.server import write_ready_file
+from aitbc.tls import TLS_OPTIONS, TlsConfig
 from miner_svc._admin import build_admin
 from miner_svc._agent import FatalMinerError, MinerAgent, MinerConfig, ensure_dir
 from miner_svc._gpu import inventory
@@ -56,6 +57,7 @@ OPTIONS = [
         "models held, from local folders: workload:name=/path,… (llm_gen, embed, sd_infer)",
         bare_env=True,
     ),
+    *TLS_OPTIONS,
     cfg.Option("NETWORK_ID", str, "aitbc-devnet", "network the coordinator serves (for rotate-key)"),
     cfg.Option("ADMIN_PORT", int, 50061, "loopback port of the admin API (GetStatus, Drain); 0 picks one"),
     cfg.Option("READY_FILE", str, "", "written (with the admin port) once connected, for supervisors and tests"),
@@ -100,6 +102,10 @@ def main(argv: list[str]) -> int:
         check_address(payout, field="WALLET_ADDR")
     except InvalidArgument as exc:
         raise SystemExit(f"WALLET_ADDR: {exc.message}") from None
+    try:
+        tls = TlsConfig.from_config(conf)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     if not 0 < conf["VRAM_CAP_FRACTION"] <= 1:
         raise SystemExit(f"VRAM_CAP_FRACTION must be in (0, 1], not {conf['VRAM_CAP_FRACTION']}")
     try:
@@ -123,6 +129,7 @@ def main(argv: list[str]) -> int:
         models=models,
         prefetch=max(0, min(4, conf["PREFETCH"])),
         vram_cap_fraction=conf["VRAM_CAP_FRACTION"],
+        tls=tls,
     )
     log.info(
         "miner_starting",

@@ -19,9 +19,11 @@ import structlog
 
 from aitbc import crypto
 from aitbc.auth import auth_metadata
-from aitbc.rpc import error_reason, insecure_channel
+from aitbc.rpc import channel as rpc_channel
+from aitbc.rpc import error_reason
 from aitbc.signed import seal
 from aitbc.timeutil import duration, ts_now
+from aitbc.tls import TlsConfig
 from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import coordinator_pb2_grpc, signing_pb2
 from miner_svc._gpu import Gpu, Nvml
@@ -55,6 +57,8 @@ class MinerConfig:
     prefetch: int = 1
     # Share of its GPU's memory one job may allocate.
     vram_cap_fraction: float = 0.95
+    # TLS to the coordinator (mutual when it has a certificate).
+    tls: TlsConfig | None = None
 
 
 class FatalMinerError(Exception):
@@ -155,7 +159,7 @@ class MinerAgent:
                     return
                 yield msg
 
-        channel = insecure_channel(self.config.coord_url)
+        channel = rpc_channel(self.config.coord_url, self.config.tls)
         heartbeat: asyncio.Task[None] | None = None
         stopper = asyncio.create_task(stop.wait())
         try:

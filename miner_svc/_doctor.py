@@ -13,7 +13,9 @@ import grpc
 
 from aitbc.addresses import address_of, check_address
 from aitbc.errors import InvalidArgument
-from aitbc.rpc import insecure_channel, normalize_target
+from aitbc.rpc import channel as rpc_channel
+from aitbc.rpc import normalize_target
+from aitbc.tls import TlsConfig
 
 
 @dataclass
@@ -102,7 +104,7 @@ def _coordinator(conf: dict[str, Any]) -> list[Finding]:
     target = normalize_target(conf["COORD_URL"])
 
     async def check() -> int:
-        async with insecure_channel(target) as channel:
+        async with rpc_channel(target, TlsConfig.from_config(conf)) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             resp = await stub.Check(health_pb2.HealthCheckRequest(service="aitbc.v1.MinerGatewayService"), timeout=5)
             return int(resp.status)

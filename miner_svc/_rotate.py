@@ -13,9 +13,10 @@ import grpc
 
 from aitbc import crypto
 from aitbc.auth import auth_metadata
-from aitbc.rpc import error_reason, insecure_channel
+from aitbc.rpc import channel, error_reason, insecure_channel
 from aitbc.signed import seal
 from aitbc.timeutil import ts_now
+from aitbc.tls import TlsConfig
 from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import coordinator_pb2_grpc, miner_pb2, miner_pb2_grpc, signing_pb2
 
@@ -51,7 +52,7 @@ def rotate_key(conf: dict[str, Any]) -> int:
     crypto.save_key(pending, new)  # on disk before the coordinator knows it
 
     async def call() -> cpb.RotateKeyResponse:
-        async with insecure_channel(conf["COORD_URL"]) as ch:
+        async with channel(conf["COORD_URL"], TlsConfig.from_config(conf)) as ch:
             stub = coordinator_pb2_grpc.MinerGatewayServiceStub(ch)
             resp: cpb.RotateKeyResponse = await stub.RotateKey(
                 request, metadata=auth_metadata(conf["API_KEY"]), timeout=10

@@ -62,7 +62,10 @@ async def all_jobs(network: Network) -> dict[str, cpb.Job]:
 async def test_coordinator_sigkill_loses_no_job_and_pays_none_twice(network: Network) -> None:
     rng = random.Random(2026)
     network.start_wallet()
-    network.start_coordinator("--lease-secs", "5", "--heartbeat-secs", "1")
+    # 200 submits and their polling in a few seconds: far past a client's
+    # default rate limit, which is not what this test is about.
+    limits = ("--rate-limits", "client=2000")
+    network.start_coordinator("--lease-secs", "5", "--heartbeat-secs", "1", *limits)
     port = network.ports["coordinator"]
     network.start_miner("miner")
     clients = Clients(network)
@@ -80,7 +83,7 @@ async def test_coordinator_sigkill_loses_no_job_and_pays_none_twice(network: Net
         await asyncio.sleep(rng.uniform(0.05, 3.0))
         network.stop("coordinator", signal.SIGKILL)
         await asyncio.sleep(rng.uniform(0.0, 0.5))
-        network.start_coordinator("--lease-secs", "5", "--heartbeat-secs", "1", port=port)
+        network.start_coordinator("--lease-secs", "5", "--heartbeat-secs", "1", *limits, port=port)
         await work
 
         async def settled_down() -> None:

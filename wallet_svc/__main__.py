@@ -14,7 +14,7 @@ from aitbc.addresses import check_address
 from aitbc.auth import TokenTable
 from aitbc.crypto import check_public_key
 from aitbc.logs import setup_logging
-from aitbc.server import wait_for_shutdown_signal, write_ready_file
+from aitbc.server import server_settings, wait_for_shutdown_signal, write_ready_file
 from aitbc.sqlite import SchemaMismatch
 from wallet_svc._ledger import Ledger
 from wallet_svc._stores import LedgerStore, open_store
@@ -31,6 +31,11 @@ def main(argv: list[str]) -> int:
     setup_logging("wallet", conf["LOG_LEVEL"])
     if not conf["TREASURY_ADDRESS"]:
         raise SystemExit("TREASURY_ADDRESS is required (--treasury-address)")
+    if command == "serve":
+        try:
+            server_settings(conf)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
     check_address(conf["TREASURY_ADDRESS"])
     ledger = Ledger(conf["TREASURY_ADDRESS"])
     try:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from aitbc.auth import TokenTable
 from aitbc.config import Option
-from aitbc.server import Service
+from aitbc.server import SERVER_OPTIONS, Service, server_settings
 from aitbc.v1 import wallet_pb2, wallet_pb2_grpc
 from wallet_svc._ledger import Ledger
 from wallet_svc._servicer import WalletServicer
@@ -24,6 +24,7 @@ OPTIONS = [
     Option("READY_FILE", str, "", "write the bound port here once serving"),
     Option("LOG_LEVEL", str, "info", "debug, info, warning or error"),
     Option("SHUTDOWN_GRACE", float, 5.0, "seconds in-flight calls get on shutdown"),
+    *SERVER_OPTIONS,
 ]
 
 
@@ -41,7 +42,10 @@ def build_server(config: dict, deps: WalletDeps) -> tuple[Service, int]:
         coordinator_key=bytes.fromhex(config["COORDINATOR_PUBLIC_KEY"]),
         network_id=config["NETWORK_ID"],
     )
+    tls, limits = server_settings(config)
     service = Service(
+        tls=tls,
+        limits=limits,
         services=[wallet_pb2.DESCRIPTOR.services_by_name["WalletService"]],
         register=[lambda s: wallet_pb2_grpc.add_WalletServiceServicer_to_server(servicer, s)],
         tokens=deps.tokens,
