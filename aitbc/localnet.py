@@ -78,7 +78,7 @@ class Network:
         self.ports[name] = port
         return port
 
-    def start_wallet(self, db: str | None = None, name: str = "wallet", port: int = 0) -> int:
+    def start_wallet(self, *extra: str, db: str | None = None, name: str = "wallet", port: int = 0) -> int:
         ready = self.root / "run" / f"{name}.port"
         ready.unlink(missing_ok=True)
         return self.spawn(
@@ -97,6 +97,7 @@ class Network:
                 self.treasury,
                 "--ready-file",
                 str(ready),
+                *extra,
             ],
             {},
             ready,

@@ -26,7 +26,7 @@ from grpc_status import rpc_status
 
 from aitbc.auth import PUBLIC_SERVICES, Principal, TokenTable, bearer_token, current_principal, role_table
 from aitbc.config import Option
-from aitbc.errors import DOMAIN, AitbcError, PermissionDenied, ResourceExhausted, Unauthenticated
+from aitbc.errors import DOMAIN, AitbcError, InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
 from aitbc.tls import SERVER_TLS_OPTIONS, TlsConfig, check_plaintext
 
 log = structlog.get_logger()
@@ -220,6 +220,7 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         gate = self._gate
+        deserialize = _tolerant(handler.request_deserializer)
 
         def enter(context: grpc.aio.ServicerContext) -> Principal | None:
             metadata = context.invocation_metadata()
@@ -245,7 +246,7 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
                     enter(context)
-                    return await inner_uu(request, context)
+                    return await inner_uu(_well_formed(request, method), context)
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as exc:
@@ -253,7 +254,7 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserialize,
                 response_serializer=handler.response_serializer,
             )
         # Both streaming kinds take one argument (a request or an iterator
@@ -267,6 +268,7 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
                     who = enter(context)
                     if who is not None:
                         held = gate.open_stream(who)
+                    arg = _well_formed_stream(arg, method) if handler.stream_stream else _well_formed(arg, method)
                     async for item in inner_stream(arg, context):
                         yield item
                 except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -282,12 +284,47 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
             )
             return make(
                 streaming,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserialize,
                 response_serializer=handler.response_serializer,
             )
         # Client-streaming RPCs are not part of the contract yet; refuse
         # rather than pass them through unchecked.
         raise RuntimeError(f"unsupported handler kind for {method}")
+
+
+class _Malformed:
+    """What a request that does not parse deserializes to: the handler
+    wrapper turns it into INVALID_ARGUMENT once the caller is authorized
+    (grpc itself would answer UNKNOWN with a parser trace)."""
+
+
+MALFORMED = _Malformed()
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:  # DecodeError, and invalid UTF-8 in a string field
+            return MALFORMED
+
+    return parse
+
+
+def _well_formed(request: Any, method: str) -> Any:
+    if request is MALFORMED:
+        raise InvalidArgument(
+            f"the request is not a valid {method.rsplit('/', 1)[-1]} request", reason="MALFORMED_REQUEST"
+        )
+    return request
+
+
+async def _well_formed_stream(requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _well_formed(request, method)
 
 
 _REQUEST_IDS = itertools.count(1)

@@ -11,7 +11,7 @@ import structlog
 
 from aitbc import crypto
 from aitbc.addresses import check_address
-from aitbc.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from aitbc.errors import AitbcError, FailedPrecondition, InvalidArgument, PermissionDenied
 from aitbc.server import principal
 from aitbc.signed import open_signed
 from aitbc.timeutil import duration, ts_from_iso
@@ -171,6 +171,9 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
                 done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if get not in done:
                     get.cancel()
+                    failed = reader.exception()
+                    if isinstance(failed, AitbcError):  # a malformed message: say so
+                        raise failed
                     break
                 msg = get.result()
                 if msg is None:
@@ -267,7 +270,7 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
                     core.spawn(core.failure(session, req.failure))
                 else:
                     log.warning("unexpected_miner_message", kind=kind)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, AitbcError):
             raise
         except grpc.aio.AioRpcError:
             pass
