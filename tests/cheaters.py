@@ -28,6 +28,7 @@ from tests.conftest import Network, md
 #   random        embed: random unit vectors of the right shape
 #   replay        return `replay` (another job's output) as this job's
 #   copy          the peer's output and receipt (shared["result"]), re-signed
+#   replay_receipt  the peer's output and its signed receipt, verbatim
 #   flipped_byte  a byte of the signed receipt flipped
 #   other_key     receipt signed by a key other than the registered one
 
@@ -130,6 +131,10 @@ class CheatingMiner:
             self.shared["result"] = (data, body)
         signer = crypto.KeyPair.generate() if self.mode == "other_key" else self.key
         receipt = seal(body, crypto.RECEIPT_DOMAIN, signer)
+        if self.mode == "honest":
+            self.shared["signed"], self.shared["lease_id"] = receipt, a.lease_id
+        if self.mode == "replay_receipt":
+            data, receipt = self.shared["result"][0], self.shared["signed"]
         if self.mode == "other_key":
             receipt.public_key = self.key.public_key  # claim to be the registered key
         if self.mode == "flipped_byte":
