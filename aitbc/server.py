@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from aitbc.audit import audit
 from aitbc.auth import PUBLIC_SERVICES, Principal, TokenTable, bearer_token, current_principal, role_table
 from aitbc.config import Option
 from aitbc.errors import DOMAIN, AitbcError, InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
@@ -235,7 +236,7 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
         async def on_error(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
             if isinstance(exc, AitbcError):
                 if exc.code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
-                    log.info("rpc_refused", code=exc.code, reason=exc.reason)
+                    audit("rpc_refused", code=exc.code, reason=exc.reason)
                 await _abort(context, exc)
             log.error("rpc_internal_error", error=repr(exc), trace=traceback.format_exc())
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")

@@ -20,14 +20,12 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import structlog
-
 from aitbc.addresses import check_address
+from aitbc.audit import audit
 from aitbc.auth import ROLE_NAMES, Principal, hash_token, new_token, read_principals, write_principals
 from aitbc.errors import InvalidArgument
 from aitbc.logs import setup_logging
 
-audit = structlog.get_logger("audit")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -68,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"no token of {args.name!r} in {args.file}", file=sys.stderr)
             return 1
         write_principals(args.file, kept)
-        audit.warning("token_revoked", name=args.name, count=len(entries) - len(kept))
+        audit("token_revoked", name=args.name, count=len(entries) - len(kept))
         print(f"revoked {len(entries) - len(kept)} token(s) of {args.name}")
         return 0
     if args.address:
@@ -84,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     expires = time.time() + args.expires_in if args.expires_in else 0.0
     entries[hash_token(token)] = Principal(args.name, args.role, args.address, args.miner_id, expires)
     write_principals(args.file, entries)
-    audit.warning("token_issued", name=args.name, role=args.role, miner_id=args.miner_id or None, expires=expires)
+    audit("token_issued", name=args.name, role=args.role, miner_id=args.miner_id or None, expires=expires)
     print(token)
     return 0
 

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import structlog
 
 from aitbc import crypto
+from aitbc.audit import audit
 from aitbc.auth import Principal
 from aitbc.errors import AitbcError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from aitbc.signed import seal
@@ -798,7 +799,7 @@ class Coordinator:
         if session is not None:
             session.reputation = rep
         if bad >= self.settings.ban_after:
-            log.warning("miner_banned", miner_id=miner_id, refused=bad, accepted=good)
+            audit("miner_banned", miner_id=miner_id, refused=bad, accepted=good)
             return rep, True
         return rep, False
 

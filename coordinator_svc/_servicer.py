@@ -11,6 +11,7 @@ import structlog
 
 from aitbc import crypto
 from aitbc.addresses import check_address
+from aitbc.audit import audit
 from aitbc.errors import AitbcError, FailedPrecondition, InvalidArgument, PermissionDenied
 from aitbc.server import principal
 from aitbc.signed import open_signed
@@ -207,7 +208,7 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
         rotated = await self._core.db(self._core.store.rotate_miner_key, body.miner_id, old_key, new_key)
         if not rotated:
             raise PermissionDenied("the rotation is not signed by the miner's current key", reason="KEY_MISMATCH")
-        log.info("miner_key_rotated", miner_id=body.miner_id, new_key=new_key.hex(), audit=True)
+        audit("miner_key_rotated", miner_id=body.miner_id, old_key=old_key.hex(), new_key=new_key.hex())
         return cpb.RotateKeyResponse(public_key=new_key)
 
     async def _register(self, token_miner_id: str, token_address: str, hello: cpb.MinerHello) -> MinerSession:
@@ -231,8 +232,11 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
                 f"miner {hello.miner_id!r} is banned: {standing[1]} of its results were refused",
                 reason="MINER_BANNED",
             )
-        registered = await self._core.db(self._core.store.register_miner, hello.miner_id, key, payout)
+        registered, created = await self._core.db(self._core.store.register_miner, hello.miner_id, key, payout)
+        if created:
+            audit("miner_key_registered", miner_id=hello.miner_id, key=key.hex(), payout_address=payout)
         if registered != key:
+            audit("miner_key_mismatch", miner_id=hello.miner_id, presented=key.hex())
             raise PermissionDenied(f"miner {hello.miner_id!r} is registered with another key", reason="KEY_MISMATCH")
         gpu = caps.accel == cpb.ACCEL_KIND_CUDA and len(caps.gpus) > 0
         return MinerSession(

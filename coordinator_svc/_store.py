@@ -294,19 +294,21 @@ class JobStore:
 
     # -- miners ----------------------------------------------------------
 
-    def register_miner(self, miner_id: str, public_key: bytes, payout_address: str) -> bytes:
+    def register_miner(self, miner_id: str, public_key: bytes, payout_address: str) -> tuple[bytes, bool]:
         """Trust the first key a miner id presents; return the registered
-        key (which the caller compares with the one presented)."""
+        key (which the caller compares with the one presented) and whether
+        this call registered it."""
         with self._tx() as db:
-            db.execute(
+            cur = db.execute(
                 "INSERT INTO miners(miner_id, public_key, payout_address, first_seen) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (miner_id) DO NOTHING",
                 (miner_id, public_key, payout_address, now_iso()),
             )
+            created = int(cur.rowcount) == 1
             row = db.execute("SELECT public_key FROM miners WHERE miner_id = ?", (miner_id,)).fetchone()
             if bytes(row[0]) == public_key:
                 db.execute("UPDATE miners SET payout_address = ? WHERE miner_id = ?", (payout_address, miner_id))
-            return bytes(row[0])
+            return bytes(row[0]), created
 
     def rotate_miner_key(self, miner_id: str, old: bytes, new: bytes) -> bool:
         """Compare-and-set the miner's key; False if `old` is not current."""

@@ -213,3 +213,26 @@ async def test_tokens_issued_and_revoked_with_the_cli_take_effect_without_a_rest
         bad = tokens_cli("issue", "--file", file, "--name", "m", "--role", "miner")
         assert bad.returncode == 2 and "--miner-id" in bad.stderr
         await asyncio.sleep(0)
+
+
+async def test_admin_actions_and_refused_callers_are_audited(net: Network) -> None:
+    import json
+
+    async with grpc.aio.insecure_channel(net.wallet_target) as channel:
+        mint: Any = channel.unary_unary(
+            "/aitbc.v1.WalletService/Mint",
+            request_serializer=wallet_pb2.MintRequest.SerializeToString,
+            response_deserializer=wallet_pb2.MintResponse.FromString,
+        )
+        req = wallet_pb2.MintRequest(address=net.ids["client"].address, amount=7, request_id="audited")
+        await mint(req, metadata=(("authorization", f"Bearer {net.ids['admin'].token}"),), timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await mint(req, metadata=(("authorization", f"Bearer {net.ids['client'].token}"),), timeout=5)
+
+    async def logged() -> None:
+        lines = [json.loads(x) for x in net.log("wallet").read_text().splitlines() if x.startswith("{")]
+        audited = [x for x in lines if x.get("audit")]
+        assert any(x["event"] == "mint" and x["by"] == "admin" and x["request_id"] == "audited" for x in audited)
+        assert any(x["event"] == "rpc_refused" and x["reason"] == "ROLE_NOT_ALLOWED" for x in audited)
+
+    await eventually(logged, timeout=10)

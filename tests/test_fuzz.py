@@ -55,7 +55,7 @@ def fill(msg: Any, data: st.DataObject, depth: int = 0) -> Any:
         count = data.draw(st.integers(1, 3)) if repeated else 1
         for _ in range(count):
             if f.type == FieldDescriptor.TYPE_MESSAGE:
-                if depth >= 3 or f.message_type.GetOptions().map_entry:
+                if depth >= 3 or f.message_type is None or f.message_type.GetOptions().map_entry:
                     break
                 sub = getattr(msg, f.name).add() if repeated else getattr(msg, f.name)
                 if not repeated:

@@ -11,6 +11,7 @@ import grpc
 
 from aitbc import crypto
 from aitbc.addresses import address_of, check_address
+from aitbc.audit import audit
 from aitbc.errors import AitbcError, FailedPrecondition, InvalidArgument, PermissionDenied
 from aitbc.server import principal
 from aitbc.signed import open_signed
@@ -123,6 +124,7 @@ class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
     async def Mint(self, request: wallet_pb2.MintRequest, context: grpc.aio.ServicerContext) -> wallet_pb2.MintResponse:
         address = check_address(request.address)
         bal = await self._run(lambda tx: self._ledger.mint(tx, address, request.amount, request.request_id))
+        audit("mint", by=principal().name, address=address, amount=request.amount, request_id=request.request_id)
         return wallet_pb2.MintResponse(balance=balance_pb(bal))
 
     async def PlaceHold(
@@ -135,8 +137,12 @@ class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
     async def SettleHold(
         self, request: wallet_pb2.SettleHoldRequest, context: grpc.aio.ServicerContext
     ) -> wallet_pb2.SettleHoldResponse:
-        settlement = self._open_settlement(request.settlement)
-        hold = await self._run(lambda tx: self._ledger.settle_hold(tx, settlement))
+        try:
+            settlement = self._open_settlement(request.settlement)
+            hold = await self._run(lambda tx: self._ledger.settle_hold(tx, settlement))
+        except AitbcError as err:
+            audit("settlement_refused", code=err.code, reason=err.reason, detail=err.message)
+            raise
         return wallet_pb2.SettleHoldResponse(hold=hold_pb(hold))
 
     async def SettleHolds(
@@ -153,6 +159,7 @@ class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
                 hold = await self._run(lambda tx: self._ledger.settle_hold(tx, s))
                 return wallet_pb2.SettleHoldResult(job_id=job_id, hold=hold_pb(hold))
             except AitbcError as err:
+                audit("settlement_refused", job_id=job_id, code=err.code, reason=err.reason, detail=err.message)
                 return wallet_pb2.SettleHoldResult(
                     job_id=job_id, error=errors_pb2.ErrorDetail(code=err.code, reason=err.reason, message=err.message)
                 )
