@@ -236,3 +236,19 @@ async def test_admin_actions_and_refused_callers_are_audited(net: Network) -> No
         assert any(x["event"] == "rpc_refused" and x["reason"] == "ROLE_NOT_ALLOWED" for x in audited)
 
     await eventually(logged, timeout=10)
+
+
+def test_an_rpc_without_declared_roles_is_closed_to_everyone() -> None:
+    from aitbc.auth import Principal, TokenTable, hash_token
+    from aitbc.errors import PermissionDenied
+    from aitbc.server import _Gate
+
+    tokens = TokenTable({hash_token("t"): Principal("root", "admin")})
+    gate = _Gate(tokens, {"/aitbc.v1.WalletService/Mint": frozenset({ROLE_NAMES["admin"]})})
+    md = (("authorization", "Bearer t"),)
+    assert gate.authorize("/aitbc.v1.WalletService/Mint", md) is not None
+    for method in ("/aitbc.v1.WalletService/NewRpcNobodyDeclared", "/aitbc.v1.Other/Mint"):
+        with pytest.raises(PermissionDenied) as err:
+            gate.authorize(method, md)
+        assert err.value.reason == "METHOD_NOT_ALLOWED"
+    assert gate.authorize("/grpc.health.v1.Health/Check", ()) is None  # health is public
