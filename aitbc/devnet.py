@@ -134,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--coord-port", type=int, default=int(os.environ.get("AITBC_DEVNET_COORD_PORT", 50051)))
     ap.add_argument("--wallet-port", type=int, default=int(os.environ.get("AITBC_DEVNET_WALLET_PORT", 50052)))
     ap.add_argument("--miner-admin-port", type=int, default=50061)
+    ap.add_argument(
+        "--metrics-port-base", type=int, default=9100,
+        help="Prometheus endpoints: coordinator at this port, wallet +1, miners +2 and +3 (0: free ports)",
+    )  # fmt: skip
     ap.add_argument("--log-dir", type=Path, help="write each service's log to a file here")
     ap.add_argument("--lease-secs", type=float, default=30.0)
     args = ap.parse_args(argv)
@@ -144,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     for f in run.glob("*.port"):
         f.unlink()
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def metrics_port(offset: int) -> int:
+        return args.metrics_port_base + offset if args.metrics_port_base else 0
+
     logs: list[IO[bytes]] = []
 
     def start(name: str, module: str, flags: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -205,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                 facts["treasury_address"],
                 "--ready-file",
                 str(run / "wallet.port"),
+                "--metrics-port",
+                str(metrics_port(1)),
             ],
             {},
         )
@@ -230,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                 str(args.lease_secs),
                 "--ready-file",
                 str(run / "coordinator.port"),
+                "--metrics-port",
+                str(metrics_port(0)),
             ],
             {"AITBC_COORD_WALLET_TOKEN": facts["coordinator_token"]},
         )
@@ -248,12 +260,20 @@ def main(argv: list[str] | None = None) -> int:
                     "--admin-port", str(admin_port),
                     "--models", models,
                     "--ready-file", str(run / f"{m}.ready"),
+                    "--metrics-port", str(metrics_port(2 if m == "miner" else 3)),
                 ],
                 {"AITBC_MINER_API_KEY": facts[f"{m}_token"]},
             )  # fmt: skip
             wait_ready(run / f"{m}.ready", miner, m)
-        (run / "endpoints.json").write_text(json.dumps({"coordinator": coord_port, "wallet": wallet_port}) + "\n")
-        print(_banner(facts, coord_port, wallet_port, balance, var), flush=True)
+        metrics = {
+            name: int((run / f"{name}.{'port' if name in ('wallet', 'coordinator') else 'ready'}.metrics")
+                      .read_text())
+            for name in ("coordinator", "wallet", "miner", "miner1")
+        }  # fmt: skip
+        (run / "endpoints.json").write_text(
+            json.dumps({"coordinator": coord_port, "wallet": wallet_port, "metrics": metrics}) + "\n"
+        )
+        print(_banner(facts, coord_port, wallet_port, balance, var, metrics), flush=True)
         while True:
             for name, proc in procs:
                 if proc.poll() is not None:
@@ -273,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         stop_all()
 
 
-def _banner(facts: dict[str, str], coord: int, wallet: int, balance: int, var: Path) -> str:
+def _banner(facts: dict[str, str], coord: int, wallet: int, balance: int, var: Path, metrics: dict[str, int]) -> str:
     c, w = f"127.0.0.1:{coord}", f"127.0.0.1:{wallet}"
+    scrape = "  ".join(f"{name} http://127.0.0.1:{port}/metrics" for name, port in metrics.items())
     return f"""
 AITBC devnet is up.  coordinator {c}   wallet {w}   miners {facts["miner_id"]}, {facts["miner1_id"]}
 Dev client {facts["client_address"]} holds {balance / 1e6:,.2f} AIT. Tokens: {var}/dev/tokens.env
@@ -299,6 +320,9 @@ The other workloads (verified by two miners agreeing), same SubmitJob call, with
   {{"sd_infer": {{"model": "tiny-sd", "prompt": "a red fox", "width": 64, "height": 64, "steps": 4}},
    "max_price": "1000000"}}
 Fetch a result: -d '{{"job_id":"..."}}' {c} aitbc.v1.CoordinatorService/GetJobResult
+
+Prometheus metrics: {scrape}
+(deploy/prometheus.yml scrapes them; deploy/grafana-dashboard.json shows them)
 
 The miner's own view (GPUs, jobs, earnings):
   AITBC_MINER_API_KEY=$MINER_TOKEN python -m miner_svc status

@@ -63,8 +63,10 @@ class Network:
     ) -> int:
         self.log(name).parent.mkdir(parents=True, exist_ok=True)
         out = self.log(name).open("ab")
+        # Metrics on a free port each (written to <ready>.metrics): many
+        # services share this host.
         proc = subprocess.Popen(
-            [sys.executable, "-m", module, *flags, *self.tls_flags],
+            [sys.executable, "-m", module, *flags, *self.tls_flags, "--metrics-port", "0"],
             cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT), **env},
             stdout=out,

@@ -28,6 +28,7 @@ from aitbc.audit import audit
 from aitbc.auth import PUBLIC_SERVICES, Principal, TokenTable, bearer_token, current_principal, role_table
 from aitbc.config import Option
 from aitbc.errors import DOMAIN, AitbcError, InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
+from aitbc.metrics import RPC_REQUESTS, RPC_SECONDS
 from aitbc.tls import SERVER_TLS_OPTIONS, TlsConfig, check_plaintext
 
 log = structlog.get_logger()
@@ -222,6 +223,22 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         gate = self._gate
         deserialize = _tolerant(handler.request_deserializer)
+        service_name, _, method_name = method.strip("/").rpartition("/")
+        service_name = service_name.rsplit(".", 1)[-1]
+        seconds = RPC_SECONDS.labels(service_name, method_name)
+
+        def count(code: str) -> None:
+            RPC_REQUESTS.labels(service_name, method_name, code).inc()
+
+        def code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
+            if isinstance(exc, AitbcError):
+                return exc.code
+            if isinstance(exc, asyncio.CancelledError):
+                return "CANCELLED"
+            status = context.code()
+            if isinstance(status, grpc.StatusCode):
+                return str(status.name)
+            return "OK" if exc is None else "INTERNAL"
 
         def enter(context: grpc.aio.ServicerContext) -> Principal | None:
             metadata = context.invocation_metadata()
@@ -245,13 +262,20 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                start = time.perf_counter()
+                failure: BaseException | None = None
                 try:
                     enter(context)
                     return await inner_uu(_well_formed(request, method), context)
-                except (grpc.aio.AbortError, asyncio.CancelledError):
+                except (grpc.aio.AbortError, asyncio.CancelledError) as exc:
+                    failure = exc
                     raise
                 except Exception as exc:
+                    failure = exc
                     await on_error(context, exc)
+                finally:
+                    seconds.observe(time.perf_counter() - start)
+                    count(code_of(context, failure))
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary,
@@ -265,6 +289,7 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
 
             async def streaming(arg: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 held = ""
+                failure: BaseException | None = None
                 try:
                     who = enter(context)
                     if who is not None:
@@ -272,13 +297,16 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
                     arg = _well_formed_stream(arg, method) if handler.stream_stream else _well_formed(arg, method)
                     async for item in inner_stream(arg, context):
                         yield item
-                except (grpc.aio.AbortError, asyncio.CancelledError):
+                except (grpc.aio.AbortError, asyncio.CancelledError) as exc:
+                    failure = exc
                     raise
                 except Exception as exc:
+                    failure = exc
                     await on_error(context, exc)
                 finally:
                     if held:
                         gate.close_stream(held)
+                    count(code_of(context, failure))
 
             make = (
                 grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler

@@ -11,10 +11,12 @@ from aitbc import config as cfg
 from aitbc.auth import TokenTable
 from aitbc.crypto import load_or_create_key
 from aitbc.logs import setup_logging
+from aitbc.metrics import serve_metrics
 from aitbc.server import server_settings, wait_for_shutdown_signal, write_ready_file
 from aitbc.sqlite import SchemaMismatch
 from aitbc.tls import TlsConfig
 from coordinator_svc._jobs import Coordinator, Settings, parse_prices
+from coordinator_svc._metrics import watch_store
 from coordinator_svc._store import open_job_store
 from coordinator_svc._wallet import WalletClient
 from coordinator_svc.server import OPTIONS, CoordinatorDeps, build_server
@@ -61,11 +63,13 @@ async def serve(conf: dict) -> int:
         blobs_dir=conf["BLOBS_DIR"],
     )
     service, port = build_server(conf, CoordinatorDeps(core=core, tokens=TokenTable.load(conf["TOKENS_FILE"])))
+    watch_store(store)
+    metrics = serve_metrics(conf["METRICS_PORT"], conf["METRICS_HOST"], conf["READY_FILE"])
     await service.start()
     try:
         await core.start()
         write_ready_file(conf["READY_FILE"], port)
-        log.info("coordinator_listening", port=port, network_id=settings.network_id)
+        log.info("coordinator_listening", port=port, network_id=settings.network_id, metrics_port=metrics or None)
         sig = await wait_for_shutdown_signal()
         log.info("coordinator_stopping", signal=sig)
     finally:

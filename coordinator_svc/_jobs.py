@@ -37,6 +37,7 @@ from aitbc.timeutil import ts_from_datetime, ts_now
 from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import signing_pb2
 from aitbc.workloads.registry import WORKLOADS, policy_of, workload_of
+from coordinator_svc import _metrics as M
 from coordinator_svc import _store as st
 from coordinator_svc._store import JobRecord, JobStore
 from coordinator_svc._verify import ACCEPTED, DISAGREED, PENDING, check_result
@@ -234,6 +235,15 @@ class Coordinator:
         self._inflight: set[asyncio.Task[None]] = set()
         # job id -> (fraction, message) of running jobs whose miner is here.
         self.progress_of: dict[str, tuple[float, str]] = {}
+        # job id -> when it (last) became QUEUED here, for dispatch latency.
+        self._queued_at: dict[str, float] = {}
+        store.on_transition = self._count_transition
+        M.MINERS.set_function(lambda: len(self.sessions))
+        M.FREE_SLOTS.set_function(lambda: sum(s.free_slots for s in list(self.sessions.values()) if s.accepts_work))
+
+    def _count_transition(self, workload: str, old: str, new: str) -> None:
+        """On the store's thread, after each committed state change."""
+        M.JOB_TRANSITIONS.labels(workload, new).inc()
 
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a store call on the store's one thread: commits fsync, and the
@@ -316,6 +326,14 @@ class Coordinator:
             return
         if rec.state != st.RUNNING:
             self.progress_of.pop(rec.job_id, None)
+        if rec.state == st.QUEUED:
+            self._queued_at.setdefault(rec.job_id, time.monotonic())
+        elif rec.state in st.TERMINAL:
+            self._queued_at.pop(rec.job_id, None)
+        if rec.state == st.SETTLED:
+            M.E2E_SECONDS.labels(rec.workload).observe(
+                max(0.0, time.time() - datetime.fromisoformat(rec.create_time).timestamp())
+            )
         log.info(
             "job_state",
             job_id=rec.job_id,
@@ -603,6 +621,9 @@ class Coordinator:
                 await self._retry_or_fail(assigned, st.LEASED, "miner disconnected", expect_lease=lease_id)
             return
         self._publish(assigned)
+        queued_at = self._queued_at.pop(rec.job_id, None)
+        if queued_at is not None:
+            M.DISPATCH_SECONDS.labels(rec.workload).observe(time.monotonic() - queued_at)
         session.outbox.put_nowait(
             cpb.ConnectResponse(
                 assignment=cpb.Assignment(
@@ -706,11 +727,14 @@ class Coordinator:
                     )
         for up in session.uploads.values():
             up.path.unlink(missing_ok=True)
+        if self.sessions.get(session.miner_id) is None:
+            M.forget_gpus(session.miner_id, session.telemetry)
         log.info("miner_left", miner_id=session.miner_id, reason=reason)
         self.wake()
 
     async def heartbeat(self, session: MinerSession, draining: bool = False, telemetry: Any = ()) -> None:
         session.telemetry = list(telemetry)
+        M.gpu_telemetry(session.miner_id, session.telemetry)
         if draining and not session.draining:
             session.draining = True
             log.info("miner_draining", miner_id=session.miner_id)
@@ -862,6 +886,7 @@ class Coordinator:
             await self._settle(session, rec, [*runs, run], winners, losers)
             return
         # Hold this result until enough other miners' runs agree with it.
+        M.VERDICTS.labels(rec.workload, PENDING).inc()
         have = len(agreeing) + 1
         runs.append(run)
         await self._retry_or_fail(
@@ -876,6 +901,7 @@ class Coordinator:
         await self._ack(session, lease_id, "VERDICT_PENDING", run.detail, reputation=session.reputation)
 
     async def _refuse(self, session: MinerSession, rec: JobRecord, run: Run, runs: list[Run]) -> None:
+        M.VERDICTS.labels(rec.workload, run.verdict).inc()
         run.reputation, banned = await self._judge_miner(session.miner_id, False)
         await self._retry_or_fail(
             rec,
@@ -901,7 +927,13 @@ class Coordinator:
         for r in winners:
             r.verdict = ACCEPTED
             r.reputation, _ = await self._judge_miner(r.miner_id, True)
+            M.VERDICTS.labels(rec.workload, ACCEPTED).inc()
+            M.MINER_EARNINGS.labels(r.miner_id).inc(pay_each)
+            usage = signing_pb2.Usage.FromString(bytes.fromhex(r.usage))
+            if usage.energy_joules:
+                M.ENERGY_JOULES.labels(rec.workload).observe(usage.energy_joules)
         for r in losers:
+            M.VERDICTS.labels(rec.workload, DISAGREED).inc()
             r.verdict = DISAGREED
             r.detail = f"disagrees with the result {len(winners)} other miner(s) agreed on"
             r.reputation, now_banned = await self._judge_miner(r.miner_id, False)

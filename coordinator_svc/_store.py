@@ -144,6 +144,13 @@ class JobStore:
     # Appended to the read that a transition's compare-and-set decides on:
     # with several writers (PostgreSQL) the row must be locked until commit.
     FOR_UPDATE = ""
+    # Called with (workload, old state, new state) after each committed
+    # state change made here (metrics).
+    on_transition: Callable[[str, str, str], None] | None = None
+
+    def _changed(self, old: JobRecord, new: JobRecord) -> None:
+        if old.state != new.state and self.on_transition is not None:
+            self.on_transition(new.workload, old.state, new.state)
 
     def _read(self) -> AbstractContextManager[Any]:
         raise NotImplementedError
@@ -228,7 +235,8 @@ class JobStore:
             new = self._get(db, job_id)
             assert new is not None
             self._notify(db, new)
-            return new
+        self._changed(cur, new)
+        return new
 
     def in_states(self, states: Iterable[str], limit: int = 1000) -> list[JobRecord]:
         states = list(states)
@@ -238,6 +246,16 @@ class JobStore:
                 [*states, limit],
             ).fetchall()
         return [JobRecord(*r) for r in rows]
+
+    def count_by_state(self) -> dict[tuple[str, str], int]:
+        with self._read() as db:
+            rows = db.execute("SELECT state, workload, COUNT(*) FROM jobs GROUP BY state, workload").fetchall()
+        return {(r[0], r[1]): int(r[2]) for r in rows}
+
+    def outbox_backlog(self) -> int:
+        with self._read() as db:
+            row = db.execute("SELECT COUNT(*) FROM outbox WHERE done = 0").fetchone()
+        return int(row[0]) if row else 0
 
     def leased_by(self, miner_id: str) -> list[JobRecord]:
         with self._read() as db:
@@ -370,7 +388,9 @@ class JobStore:
             new = self._get(db, job_id)
             if new is not None:
                 self._notify(db, new)
-            return new
+        if new is not None:
+            self._changed(cur, new)
+        return new
 
 
 class SqliteJobStore(SqliteStore, JobStore):

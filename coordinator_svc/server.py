@@ -7,6 +7,7 @@ from pathlib import Path
 
 from aitbc.auth import TokenTable
 from aitbc.config import Option
+from aitbc.metrics import metrics_options
 from aitbc.server import SERVER_OPTIONS, Service, server_settings
 from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc
 from coordinator_svc._jobs import Coordinator
@@ -37,6 +38,7 @@ OPTIONS = [
     Option("READY_FILE", str, "", "write the bound port here once serving"),
     Option("LOG_LEVEL", str, "info", "debug, info, warning or error"),
     Option("SHUTDOWN_GRACE", float, 5.0, "seconds in-flight calls get on shutdown"),
+    *metrics_options(9100),
     *SERVER_OPTIONS,
 ]
 

@@ -21,6 +21,7 @@ from aitbc.addresses import address_of, check_address
 from aitbc.crypto import KeyPair, load_or_create_key
 from aitbc.errors import InvalidArgument
 from aitbc.logs import setup_logging
+from aitbc.metrics import metrics_options, serve_metrics
 from aitbc.server import write_ready_file
 from aitbc.tls import TLS_OPTIONS, TlsConfig
 from miner_svc._admin import build_admin
@@ -58,6 +59,7 @@ OPTIONS = [
         bare_env=True,
     ),
     *TLS_OPTIONS,
+    *metrics_options(9102),
     cfg.Option("NETWORK_ID", str, "aitbc-devnet", "network the coordinator serves (for rotate-key)"),
     cfg.Option("ADMIN_PORT", int, 50061, "loopback port of the admin API (GetStatus, Drain); 0 picks one"),
     cfg.Option("READY_FILE", str, "", "written (with the admin port) once connected, for supervisors and tests"),
@@ -140,6 +142,7 @@ def main(argv: list[str]) -> int:
         payout_address=payout,
         public_key=key.public_key.hex(),
     )
+    serve_metrics(conf["METRICS_PORT"], conf["METRICS_HOST"], conf["READY_FILE"])
     return asyncio.run(serve(config, key, conf["READY_FILE"], conf["DRAIN_SECS"], conf["ADMIN_PORT"]))
 
 

@@ -26,6 +26,7 @@ from aitbc.timeutil import duration, ts_now
 from aitbc.tls import TlsConfig
 from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import coordinator_pb2_grpc, signing_pb2
+from miner_svc import _metrics as M
 from miner_svc._gpu import Gpu, Nvml
 from miner_svc._prepare import prepare
 from miner_svc._runs import RunOutcome
@@ -89,6 +90,7 @@ class MinerAgent:
         self._started: set[str] = set()  # leases that hold a slot (not only prefetched)
         self.progress_of: dict[str, float] = {}
         self.reputation = 0.0  # as the coordinator last told us
+        M.RUNNING.set_function(lambda: len(self._running))
 
     def hello(self) -> cpb.MinerHello:
         c = self.config
@@ -204,8 +206,10 @@ class MinerAgent:
                         self._drop(msg.cancel.lease_id, msg.cancel.reason)
                     elif kind == "ack":
                         ack = msg.ack
+                        M.VERDICTS.labels(cpb.Verdict.Name(ack.verdict).removeprefix("VERDICT_")).inc()
                         if ack.verdict == cpb.VERDICT_ACCEPTED:
                             self.earned += ack.miner_amount
+                            M.EARNED.inc(ack.miner_amount)
                         if ack.reputation:
                             self.reputation = ack.reputation
                         self._forget(ack.lease_id)
@@ -322,12 +326,16 @@ class MinerAgent:
 
     def _heartbeat(self) -> cpb.ConnectRequest:
         free = 0 if self.draining else max(0, self.config.slots - len(self._running))
+        now = self.nvml.telemetry()
+        for t in now:
+            for name, g in M.GPU.items():
+                g.labels(str(t.index)).set(getattr(t, name))
         telemetry = [
             cpb.GpuTelemetry(
                 index=t.index, utilization_percent=t.utilization_percent, memory_used_bytes=t.memory_used_bytes,
                 power_watts=t.power_watts, temperature_celsius=t.temperature_celsius,
             )
-            for t in self.nvml.telemetry()
+            for t in now
         ]  # fmt: skip
         return cpb.ConnectRequest(
             heartbeat=cpb.MinerHeartbeat(free_slots=free, draining=self.draining, telemetry=telemetry)
@@ -395,12 +403,14 @@ class MinerAgent:
             self._outputs[a.lease_id] = Path(outcome.output_path)
             self._finished[a.lease_id] = result
             log.info("job_finished", tflops=round(outcome.tflops, 4), seconds=round(outcome.run_seconds, 4))
+            M.JOBS.labels("finished").inc()
         except asyncio.CancelledError:
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
         except Exception as exc:
             reason = str(exc) if isinstance(exc, JobFailed) else repr(exc)
             log.warning("job_failed", error=reason)
+            M.JOBS.labels("failed").inc()
             shutil.rmtree(job_dir, ignore_errors=True)
             self._finished[a.lease_id] = cpb.ConnectRequest(
                 failure=cpb.JobFailure(lease_id=a.lease_id, reason=reason[:500])

@@ -32,6 +32,8 @@ def test_readme_walkthrough_with_real_grpcurl(tmp_path: Path) -> None:
             "0",
             "--wallet-port",
             "0",
+            "--metrics-port-base",
+            "0",
             "--miner-admin-port",
             "0",
             "--log-dir",

@@ -14,9 +14,11 @@ from aitbc.addresses import check_address
 from aitbc.auth import TokenTable
 from aitbc.crypto import check_public_key
 from aitbc.logs import setup_logging
+from aitbc.metrics import serve_metrics
 from aitbc.server import server_settings, wait_for_shutdown_signal, write_ready_file
 from aitbc.sqlite import SchemaMismatch
 from wallet_svc._ledger import Ledger
+from wallet_svc._metrics import watch_ledger
 from wallet_svc._stores import LedgerStore, open_store
 from wallet_svc.server import OPTIONS, WalletDeps, build_server
 
@@ -71,10 +73,12 @@ def _redact(url: str) -> str:
 async def serve(conf: dict, store: LedgerStore, ledger: Ledger) -> int:
     deps = WalletDeps(store=store, ledger=ledger, tokens=TokenTable.load(conf["TOKENS_FILE"]))
     service, port = build_server(conf, deps)
+    watch_ledger(store, ledger)
+    metrics = serve_metrics(conf["METRICS_PORT"], conf["METRICS_HOST"], conf["READY_FILE"])
     await service.start()
     try:
         write_ready_file(conf["READY_FILE"], port)
-        log.info("wallet_listening", port=port, db=_redact(conf["DB"]))
+        log.info("wallet_listening", port=port, db=_redact(conf["DB"]), metrics_port=metrics or None)
         sig = await wait_for_shutdown_signal()
         log.info("wallet_stopping", signal=sig)
     finally:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from aitbc.auth import TokenTable
 from aitbc.config import Option
+from aitbc.metrics import metrics_options
 from aitbc.server import SERVER_OPTIONS, Service, server_settings
 from aitbc.v1 import wallet_pb2, wallet_pb2_grpc
 from wallet_svc._ledger import Ledger
@@ -24,6 +25,7 @@ OPTIONS = [
     Option("READY_FILE", str, "", "write the bound port here once serving"),
     Option("LOG_LEVEL", str, "info", "debug, info, warning or error"),
     Option("SHUTDOWN_GRACE", float, 5.0, "seconds in-flight calls get on shutdown"),
+    *metrics_options(9101),
     *SERVER_OPTIONS,
 ]
 

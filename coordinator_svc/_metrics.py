@@ -1,0 +1,84 @@
+"""The coordinator's metrics. Jobs by state, queue depth and the settlement
+backlog are read from the store at scrape time (the truth, also after a
+restart and across replicas); the rest is counted as it happens."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from aitbc.metrics import REGISTRY
+
+LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+E2E = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
+
+DISPATCH_SECONDS = Histogram(
+    "aitbc_dispatch_latency_seconds", "From queued to pushed to a miner", ["workload"], buckets=LATENCY,
+    registry=REGISTRY,
+)  # fmt: skip
+E2E_SECONDS = Histogram("aitbc_job_e2e_seconds", "From submit to settled", ["workload"], buckets=E2E, registry=REGISTRY)
+JOB_TRANSITIONS = Counter(
+    "aitbc_job_transitions_total", "Jobs entering each state", ["workload", "state"], registry=REGISTRY
+)
+VERDICTS = Counter("aitbc_verdicts_total", "Results judged, by outcome", ["workload", "verdict"], registry=REGISTRY)
+ENERGY_JOULES = Histogram(
+    "aitbc_job_energy_joules", "GPU energy of accepted runs, as their receipts report it", ["workload"],
+    buckets=(1, 10, 100, 1_000, 10_000, 100_000, 1_000_000), registry=REGISTRY,
+)  # fmt: skip
+MINER_EARNINGS = Counter(
+    "aitbc_miner_earnings_uait_total", "Paid to each miner, in uait (once its settlement is sent)", ["miner_id"],
+    registry=REGISTRY,
+)  # fmt: skip
+MINERS = Gauge("aitbc_miners_connected", "Miner streams open here", registry=REGISTRY)
+FREE_SLOTS = Gauge("aitbc_miner_free_slots", "Assignments connected miners can take now", registry=REGISTRY)
+GPU = {
+    name: Gauge(f"aitbc_gpu_{name}", doc, ["miner_id", "gpu"], registry=REGISTRY)
+    for name, doc in (
+        ("utilization_percent", "GPU utilisation from the miner's last heartbeat"),
+        ("memory_used_bytes", "GPU memory in use"),
+        ("power_watts", "GPU power draw"),
+        ("temperature_celsius", "GPU core temperature"),
+    )
+}
+
+
+class StoreCollector(Collector):
+    """aitbc_jobs{state,workload} and aitbc_settlement_backlog, from the
+    store when Prometheus scrapes."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        jobs = GaugeMetricFamily("aitbc_jobs", "Jobs in each state", labels=["state", "workload"])
+        for (state, workload), n in self._store.count_by_state().items():
+            jobs.add_metric([state, workload], n)
+        yield jobs
+        backlog = GaugeMetricFamily("aitbc_settlement_backlog", "Settlements and releases not yet delivered")
+        backlog.add_metric([], self._store.outbox_backlog())
+        yield backlog
+
+
+def watch_store(store: Any) -> None:
+    REGISTRY.register(StoreCollector(store))
+
+
+def gpu_telemetry(miner_id: str, telemetry: Any) -> None:
+    for t in telemetry:
+        gpu = str(t.index)
+        GPU["utilization_percent"].labels(miner_id, gpu).set(t.utilization_percent)
+        GPU["memory_used_bytes"].labels(miner_id, gpu).set(t.memory_used_bytes)
+        GPU["power_watts"].labels(miner_id, gpu).set(t.power_watts)
+        GPU["temperature_celsius"].labels(miner_id, gpu).set(t.temperature_celsius)
+
+
+def forget_gpus(miner_id: str, telemetry: Any) -> None:
+    for t in telemetry:
+        for g in GPU.values():
+            with contextlib.suppress(KeyError):
+                g.remove(miner_id, str(t.index))
