@@ -13,9 +13,10 @@ export PYTHONPATH := $(CURDIR)
 install: $(STAMP)
 
 # Re-installs only when the pins change, so a second `make install` is instant.
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
 protos: $(PROTO_STAMP)

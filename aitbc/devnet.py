@@ -82,7 +82,8 @@ def bootstrap(var: Path) -> dict[str, str]:
             for k in ("admin_token", "client_token", "miner_token", "miner1_token", "coordinator_token")
         )
         + f"CLIENT_ADDRESS={facts['client_address']}\nMINER_ADDRESS={facts['miner_address']}\n"
-        + f"MINER1_ADDRESS={facts['miner1_address']}\n",
+        + f"MINER1_ADDRESS={facts['miner1_address']}\n"
+        + f"COORDINATOR_PUBLIC_KEY={facts['coordinator_public_key']}\n",
     )
     _write_secret(facts_path, json.dumps(facts, indent=2) + "\n")
     return facts

@@ -193,5 +193,10 @@ async def serve(config: MinerConfig, key: KeyPair, ready_file: str, drain_secs: 
     return 0
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `aitbc-miner` console script."""
     sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    entry()
