@@ -234,10 +234,11 @@ class Progress:
             bar = f" [{'#' * filled}{'.' * (20 - filled)}] {job.progress:4.0%}"
             if job.progress_message:
                 bar += f" {job.progress_message}"
-        miner = f"  miner {job.miner_id}" if job.miner_id else ""
-        runs = (
-            f"  run {len(job.runs) + 1}/{job.runs_needed}" if job.runs_needed > 1 and job.state not in TERMINAL else ""
-        )
+        working = job.state in (cpb.JOB_STATE_ASSIGNED, cpb.JOB_STATE_RUNNING, cpb.JOB_STATE_VERIFYING)
+        miner = f"  miner {job.miner_id}" if job.miner_id and (working or job.state in TERMINAL) else ""
+        runs = ""
+        if job.runs_needed > 1 and (working or job.state == cpb.JOB_STATE_QUEUED):
+            runs = f"  run {min(len(job.runs) + 1, job.runs_needed)}/{job.runs_needed}"
         line = f"{job.job_id}  {state:<9}{miner}{runs}{bar}"
         if job.status_detail and job.state not in (cpb.JOB_STATE_RUNNING, cpb.JOB_STATE_SETTLED):
             line += f"  ({job.status_detail})"
