@@ -8,7 +8,7 @@ what every gRPC server shares (RPC counts and latencies) is here."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from aitbc.config import Option
 
@@ -25,6 +25,19 @@ RPC_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
     registry=REGISTRY,
 )  # fmt: skip
+
+
+def gpu_gauges(prefix: str, labels: list[str]) -> dict[str, Gauge]:
+    """One gauge per telemetry field (named as GpuTelemetry's fields)."""
+    return {
+        name: Gauge(f"{prefix}_{name}", doc, labels, registry=REGISTRY)
+        for name, doc in (
+            ("utilization_percent", "GPU utilisation over the last sample period"),
+            ("memory_used_bytes", "GPU memory in use"),
+            ("power_watts", "GPU power draw"),
+            ("temperature_celsius", "GPU core temperature"),
+        )
+    }
 
 
 def metrics_options(default_port: int) -> list[Option]:

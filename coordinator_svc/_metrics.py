@@ -12,7 +12,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from aitbc.metrics import REGISTRY
+from aitbc.metrics import REGISTRY, gpu_gauges
 
 LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 E2E = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
@@ -36,15 +36,8 @@ MINER_EARNINGS = Counter(
 )  # fmt: skip
 MINERS = Gauge("aitbc_miners_connected", "Miner streams open here", registry=REGISTRY)
 FREE_SLOTS = Gauge("aitbc_miner_free_slots", "Assignments connected miners can take now", registry=REGISTRY)
-GPU = {
-    name: Gauge(f"aitbc_gpu_{name}", doc, ["miner_id", "gpu"], registry=REGISTRY)
-    for name, doc in (
-        ("utilization_percent", "GPU utilisation from the miner's last heartbeat"),
-        ("memory_used_bytes", "GPU memory in use"),
-        ("power_watts", "GPU power draw"),
-        ("temperature_celsius", "GPU core temperature"),
-    )
-}
+# Each miner's GPUs, from its last heartbeat.
+GPU = gpu_gauges("aitbc_gpu", ["miner_id", "gpu"])
 
 
 class StoreCollector(Collector):

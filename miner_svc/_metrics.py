@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
-from aitbc.metrics import REGISTRY
+from aitbc.metrics import REGISTRY, gpu_gauges
 
 JOBS = Counter("aitbc_miner_jobs_total", "Jobs this sidecar ran, by outcome", ["outcome"], registry=REGISTRY)
 VERDICTS = Counter(
@@ -13,12 +13,4 @@ VERDICTS = Counter(
 )  # fmt: skip
 EARNED = Counter("aitbc_miner_earned_uait_total", "uait earned by accepted results", registry=REGISTRY)
 RUNNING = Gauge("aitbc_miner_running_jobs", "Jobs holding a slot or queued for one", registry=REGISTRY)
-GPU = {
-    name: Gauge(f"aitbc_miner_gpu_{name}", doc, ["gpu"], registry=REGISTRY)
-    for name, doc in (
-        ("utilization_percent", "GPU utilisation"),
-        ("memory_used_bytes", "GPU memory in use"),
-        ("power_watts", "GPU power draw"),
-        ("temperature_celsius", "GPU core temperature"),
-    )
-}
+GPU = gpu_gauges("aitbc_miner_gpu", ["gpu"])
