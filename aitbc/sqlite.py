@@ -4,11 +4,13 @@ written by another version instead of misreading it."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 class SchemaMismatch(RuntimeError):
@@ -57,6 +59,35 @@ class SqliteStore:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+
+def apply_postgres_schema(cur: Any, schema: str, *, name: str, version: int, lock: int) -> None:
+    """Create `name`'s tables at `version` in one transaction (the caller's),
+    under an advisory lock so replicas starting together do not race; refuse
+    a database written by another version, as the SQLite stores do.
+    `aitbc_schema` records each store's version."""
+    cur.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
+    cur.execute("CREATE TABLE IF NOT EXISTS aitbc_schema (name TEXT PRIMARY KEY, version BIGINT NOT NULL)")
+    cur.execute("SELECT version FROM aitbc_schema WHERE name = %s", (name,))
+    row = cur.fetchone()
+    tables = re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", schema)
+    if row is None:
+        cur.execute(
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = current_schema() "
+            "AND table_name = ANY(%s)",
+            (tables,),
+        )
+        if cur.fetchone()[0]:
+            raise SchemaMismatch(
+                f"the database holds {name} tables from a build before schema versions; "
+                f"this build expects version {version}: migrate it or use a fresh database"
+            )
+    elif int(row[0]) != version:
+        raise SchemaMismatch(
+            f"the database has {name} schema version {row[0]}, this build expects {version}: migrate it first"
+        )
+    cur.execute(postgres_schema(schema))
+    cur.execute("INSERT INTO aitbc_schema(name, version) VALUES (%s, %s) ON CONFLICT DO NOTHING", (name, version))
 
 
 def postgres_schema(sqlite_schema: str) -> str:

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aitbc.sqlite import SqliteStore, postgres_schema
+from aitbc.sqlite import SqliteStore, apply_postgres_schema
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -428,9 +428,14 @@ class PostgresJobStore(JobStore):
         self._psycopg = psycopg
         self._dsn = dsn
         self._conn = psycopg.connect(dsn, autocommit=True)
-        with self._conn.transaction():
-            self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.SCHEMA_LOCK,))
-            self._conn.execute(postgres_schema(SCHEMA))
+        try:
+            with self._conn.transaction(), self._conn.cursor() as cur:
+                apply_postgres_schema(
+                    cur, SCHEMA, name="coordinator", version=SqliteJobStore.SCHEMA_VERSION, lock=self.SCHEMA_LOCK
+                )
+        except BaseException:
+            self._conn.close()
+            raise
         self._lock = threading.Lock()
         self._listener: threading.Thread | None = None
         self._stopped = threading.Event()

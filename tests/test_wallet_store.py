@@ -314,3 +314,21 @@ def test_stateful_ledger(kind: str, request: pytest.FixtureRequest, tmp_path: An
             max_examples=25, stateful_step_count=20, deadline=None, suppress_health_check=list(HealthCheck)
         ),
     )
+
+
+def test_a_postgres_database_of_another_schema_version_is_refused(pg_server: Any) -> None:
+    import psycopg
+
+    from aitbc.sqlite import SchemaMismatch
+
+    url = pg_server.new_database()
+    open_store(url).close()
+    open_store(url).close()  # the same version opens again
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE aitbc_schema SET version = 99 WHERE name = 'wallet'")
+    with pytest.raises(SchemaMismatch, match="version 99"):
+        open_store(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DELETE FROM aitbc_schema")  # tables from before versions
+    with pytest.raises(SchemaMismatch, match="before schema versions"):
+        open_store(url)

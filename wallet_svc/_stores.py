@@ -27,7 +27,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from aitbc.sqlite import SqliteStore, postgres_schema
+from aitbc.sqlite import SqliteStore, apply_postgres_schema
 from wallet_svc._ledger import Tx
 
 T = TypeVar("T")
@@ -81,8 +81,6 @@ CREATE TABLE IF NOT EXISTS holds (
     close_time        TEXT
 );
 """
-
-PG_SCHEMA = postgres_schema(SQLITE_SCHEMA)
 
 
 class LedgerStore:
@@ -271,8 +269,9 @@ class PostgresLedgerStore(LedgerStore):
         )
         with psycopg.connect(dsn, autocommit=False) as conn:
             with conn.cursor() as cur:
-                cur.execute("SELECT pg_advisory_xact_lock(%s)", (self.SCHEMA_LOCK,))
-                cur.execute(PG_SCHEMA)
+                apply_postgres_schema(
+                    cur, SQLITE_SCHEMA, name="wallet", version=SqliteLedgerStore.SCHEMA_VERSION, lock=self.SCHEMA_LOCK
+                )
             conn.commit()
         # The writer thread's own connection, and a small pool for call().
         self._writer_conn = psycopg.connect(dsn, autocommit=False)
