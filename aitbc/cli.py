@@ -33,7 +33,7 @@ from aitbc import crypto
 from aitbc.addresses import address_of
 from aitbc.auth import auth_metadata
 from aitbc.rpc import channel, error_reason
-from aitbc.signed import BadSignature, open_signed
+from aitbc.signed import BadSignature, open_signed, seal
 from aitbc.tls import TlsConfig
 from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import coordinator_pb2_grpc, signing_pb2, wallet_pb2, wallet_pb2_grpc, workloads_pb2
@@ -143,6 +143,22 @@ async def cmd_history(c: Client, args: argparse.Namespace, out: TextIO) -> int:
             t.counterparty or "-",
         ))  # fmt: skip
     table(rows, out)
+    return 0
+
+
+async def cmd_transfer(c: Client, args: argparse.Namespace, out: TextIO) -> int:
+    key = load_key(args)
+    amount = round(args.amount * UAIT)
+    if amount <= 0:
+        raise Failed("the amount must be positive", EXIT_USAGE)
+    body = signing_pb2.TransferBody(
+        network_id=args.network_id, from_address=address_of(key.public_key), to_address=args.to, amount=amount,
+        request_id=args.request_id or secrets.token_hex(8), memo=args.memo,
+    )  # fmt: skip
+    signed = seal(body, crypto.TRANSFER_DOMAIN, key)
+    resp = await c.wallet.Transfer(wallet_pb2.TransferRequest(transfer=signed), metadata=c.md, timeout=10)
+    print(f"sent {ait(amount)} to {args.to} (transaction {resp.transaction_id})", file=out)
+    print(f"available {ait(resp.sender_balance.available)}", file=out)
     return 0
 
 
@@ -402,6 +418,13 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--address", help="another account (admin tokens only)")
         p.add_argument("--limit", type=int, default=20)
         p.set_defaults(run=fn)
+    transfer = sub.add_parser("transfer", help="send AIT, signed by your key")
+    transfer.add_argument("to", help="the receiver's address")
+    transfer.add_argument("amount", type=float, help="AIT")
+    transfer.add_argument("--memo", default="")
+    transfer.add_argument("--request-id", help="idempotency key: a retry with the same one moves nothing twice")
+    transfer.add_argument("--network-id", default=env("AITBC_NETWORK_ID", "aitbc-devnet"))
+    transfer.set_defaults(run=cmd_transfer)
     faucet = sub.add_parser("faucet", help="dev networks: mint AIT to your address with an admin token")
     faucet.add_argument("--amount", type=float, default=100.0, help="AIT")
     faucet.add_argument("--admin-token", default="")

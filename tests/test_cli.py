@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from aitbc.addresses import address_of
+from aitbc.crypto import KeyPair
 from aitbc.localnet import Network, make_network
 from aitbc.v1 import coordinator_pb2 as cpb
 from tests.conftest import ROOT
@@ -109,8 +111,14 @@ def test_a_user_runs_every_workload_from_the_command_line(net: Network, tmp_path
     other_key = "00" * 31 + "01"
     assert "settlement" in aitbc("verify-receipt", f"{png}.job", "--coordinator-key", other_key, code=4)
 
+    friend = address_of(KeyPair.generate().public_key)
+    sent = aitbc("transfer", friend, "1.5", "--memo", "thanks", "--request-id", "gift-1")
+    assert "sent 1.500000 AIT" in sent
+    aitbc("transfer", friend, "1.5", "--memo", "thanks", "--request-id", "gift-1")  # a retry moves nothing twice
+    assert "REQUEST_ID_REUSED" in aitbc("transfer", friend, "9", "--request-id", "gift-1", code=3)
     history = aitbc("history")
     assert "mint" in history and "hold" in history and "settle" in history
+    assert history.count("transfer") == 1 and friend in history
     # Failures say what happened and exit 3.
     assert "NOT_FOUND" in aitbc("cancel", "job_nope", code=3)
     assert "FAILED_PRECONDITION" in aitbc("submit", "matmul", "--n", "4096", "--max-price", "10", code=3)
