@@ -322,6 +322,10 @@ The other workloads (verified by two miners agreeing), same SubmitJob call, with
    "max_price": "1000000"}}
 Fetch a result: -d '{{"job_id":"..."}}' {c} aitbc.v1.CoordinatorService/GetJobResult
 
+Or with the command-line client (AITBC_TOKEN defaults to $CLIENT_TOKEN):
+  AITBC_COORDINATOR={c} AITBC_WALLET={w} aitbc submit matmul --n 512
+  aitbc jobs; aitbc result JOB_ID -o out.bin; aitbc verify-receipt out.bin.job --output out.bin
+
 Prometheus metrics: {scrape}
 (deploy/prometheus.yml scrapes them; deploy/grafana-dashboard.json shows them)
 
