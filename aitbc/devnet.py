@@ -83,7 +83,9 @@ def bootstrap(var: Path) -> dict[str, str]:
         )
         + f"CLIENT_ADDRESS={facts['client_address']}\nMINER_ADDRESS={facts['miner_address']}\n"
         + f"MINER1_ADDRESS={facts['miner1_address']}\n"
-        + f"COORDINATOR_PUBLIC_KEY={facts['coordinator_public_key']}\n",
+        + f"COORDINATOR_PUBLIC_KEY={facts['coordinator_public_key']}\n"
+        # The aitbc CLI then acts as the dev client: its key and its token.
+        + f"AITBC_KEY_FILE={dev / 'client.key'}\nAITBC_TOKEN={facts['client_token']}\n",
     )
     _write_secret(facts_path, json.dumps(facts, indent=2) + "\n")
     return facts
@@ -322,8 +324,9 @@ The other workloads (verified by two miners agreeing), same SubmitJob call, with
    "max_price": "1000000"}}
 Fetch a result: -d '{{"job_id":"..."}}' {c} aitbc.v1.CoordinatorService/GetJobResult
 
-Or with the command-line client (AITBC_TOKEN defaults to $CLIENT_TOKEN):
-  AITBC_COORDINATOR={c} AITBC_WALLET={w} aitbc submit matmul --n 512
+Or with the command-line client, as the dev client:
+  set -a; source {var}/dev/tokens.env; set +a; export AITBC_COORDINATOR={c} AITBC_WALLET={w}
+  aitbc balance; aitbc submit matmul --n 512
   aitbc jobs; aitbc result JOB_ID -o out.bin; aitbc verify-receipt out.bin.job --output out.bin
 
 Prometheus metrics: {scrape}
