@@ -79,7 +79,9 @@ def test_wrong_results_fail(dtype: str) -> None:
         "one element off": c + np.pad(np.full((1, 1), OFF[dtype]), ((5, 122), (7, 120))),
     }
     for name, bad in wrong.items():
-        check = freivalds(params, encode_output(params, bad))
+        with np.errstate(over="ignore"):  # the absurd C overflows fp16 on purpose
+            encoded = encode_output(params, bad)
+        check = freivalds(params, encoded)
         assert not check.ok, name
 
 
