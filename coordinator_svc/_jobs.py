@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -241,9 +241,9 @@ class Coordinator:
         M.MINERS.set_function(lambda: len(self.sessions))
         M.FREE_SLOTS.set_function(lambda: sum(s.free_slots for s in list(self.sessions.values()) if s.accepts_work))
 
-    def _count_transition(self, workload: str, old: str, new: str) -> None:
+    def _count_transition(self, workload: str, state: str) -> None:
         """On the store's thread, after each committed state change."""
-        M.JOB_TRANSITIONS.labels(workload, new).inc()
+        M.JOB_TRANSITIONS.labels(workload, state).inc()
 
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a store call on the store's one thread: commits fsync, and the
@@ -563,16 +563,13 @@ class Coordinator:
         queued = await self.db(self.store.in_states, [st.QUEUED], 500)
         for rec in queued:
             sessions = list(self.sessions.values())
-            spec = cpb.JobSpec.FromString(rec.spec)
-            req = spec.requirements
             try:
-                workload, params = workload_of(spec)
+                model, req = _placement(rec.spec)
             except AitbcError as exc:
                 # Valid when submitted, refused by this build's rules: end it
                 # rather than let it stall the queue behind it.
                 await self._end(rec, [st.QUEUED], st.FAILED, f"the job is no longer valid: {exc.message}")
                 continue
-            model = workload.model(params)
             refused = set(rec.refused_miners.split())
             eligible = [s for s in sessions if s.accepts_work and s.miner_id not in refused]
             capable = [s for s in eligible if s.can_run(rec.workload, model, req)]
@@ -822,7 +819,7 @@ class Coordinator:
         session = self.sessions.get(miner_id)
         if session is not None:
             session.reputation = rep
-        if bad >= self.settings.ban_after:
+        if self.banned((good, bad)):
             audit("miner_banned", miner_id=miner_id, refused=bad, accepted=good)
             return rep, True
         return rep, False
@@ -894,7 +891,7 @@ class Coordinator:
             [st.VERIFYING],
             f"{have} of {rec.runs_needed} agreeing results in; waiting for a run on another miner",
             verdict=PENDING,
-            refused_miners=f"{rec.refused_miners} {session.miner_id}".strip(),
+            refused_miners=_excluding(rec, session.miner_id),
             runs=dump_runs(runs),
             requeue_detail=True,
         )
@@ -908,7 +905,7 @@ class Coordinator:
             [st.VERIFYING],
             f"result from {session.miner_id} refused ({run.detail})",
             verdict=run.verdict,
-            refused_miners=f"{rec.refused_miners} {session.miner_id}".strip(),
+            refused_miners=_excluding(rec, session.miner_id),
             runs=dump_runs([*runs, run]),
         )
         await self._ack(session, run.lease_id, f"VERDICT_{run.verdict}", run.detail, reputation=run.reputation)
@@ -1139,6 +1136,21 @@ def _parse_job_token(token: str) -> tuple[str, str] | None:
     if not sep or not job_id.startswith("job_"):
         raise InvalidArgument("page_token is not one this service issued", field="page_token")
     return create_time, job_id
+
+
+@lru_cache(maxsize=4096)
+def _placement(spec_bytes: bytes) -> tuple[str, cpb.Requirements]:
+    """(model, requirements) a queued job needs of a miner. Cached by spec:
+    the dispatcher asks for every queued job on every pass, and parsing and
+    validating an embed job's 256 texts each time is work done over and over."""
+    spec = cpb.JobSpec.FromString(spec_bytes)
+    workload, params = workload_of(spec)
+    return workload.model(params), spec.requirements
+
+
+def _excluding(rec: JobRecord, miner_id: str) -> str:
+    """The job's excluded miners, plus this one."""
+    return f"{rec.refused_miners} {miner_id}".strip()
 
 
 def _read_blob(path: Path) -> bytes | None:

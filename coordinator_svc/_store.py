@@ -144,13 +144,13 @@ class JobStore:
     # Appended to the read that a transition's compare-and-set decides on:
     # with several writers (PostgreSQL) the row must be locked until commit.
     FOR_UPDATE = ""
-    # Called with (workload, old state, new state) after each committed
-    # state change made here (metrics).
-    on_transition: Callable[[str, str, str], None] | None = None
+    # Called with (workload, new state) after each committed state change
+    # made here (metrics).
+    on_transition: Callable[[str, str], None] | None = None
 
     def _changed(self, old: JobRecord, new: JobRecord) -> None:
         if old.state != new.state and self.on_transition is not None:
-            self.on_transition(new.workload, old.state, new.state)
+            self.on_transition(new.workload, new.state)
 
     def _read(self) -> AbstractContextManager[Any]:
         raise NotImplementedError

@@ -8,7 +8,6 @@ a caller past its table fails the calls below."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -212,7 +211,6 @@ async def test_tokens_issued_and_revoked_with_the_cli_take_effect_without_a_rest
         await eventually(refused, timeout=10)
         bad = tokens_cli("issue", "--file", file, "--name", "m", "--role", "miner")
         assert bad.returncode == 2 and "--miner-id" in bad.stderr
-        await asyncio.sleep(0)
 
 
 async def test_admin_actions_and_refused_callers_are_audited(net: Network) -> None:
