@@ -12,10 +12,25 @@ import argparse
 import os
 import shlex
 import socket
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+import aitbc
+
+# sysexits.h: a supervisor (systemd's RestartPreventExitStatus=) can tell
+# these from a crash and stop restarting what a restart cannot fix.
+EX_CONFIG = 78  # the configuration is wrong: the owner must edit it
+EX_NOPERM = 77  # the network refused this token or key: the owner must act
+
+
+def config_error(message: str) -> NoReturn:
+    """Exit EX_CONFIG with the message (which should name the fix) on stderr."""
+    sys.stderr.write(message.rstrip("\n") + "\n")
+    sys.stderr.flush()
+    raise SystemExit(EX_CONFIG)
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,13 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
+def _warn_unknown(prog: str) -> Callable[[Path, list[str]], None]:
+    def warn(path: Path, keys: list[str]) -> None:
+        sys.stderr.write(f"{prog}: warning: {path}: {', '.join(keys)} unknown here, ignored\n")
+
+    return warn
+
+
 def load(
     options: Sequence[Option],
     *,
@@ -62,9 +84,21 @@ def load(
     environ: Mapping[str, str] | None = None,
     env_prefix: str = "AITBC_",
     config_env: str = "AITBC_CONFIG",
+    epilog: str | None = None,
+    on_unknown: Callable[[Path, list[str]], None] | None = None,
 ) -> dict[str, Any]:
+    """The options' values. A value that does not parse, or a config file
+    that cannot be read, exits EX_CONFIG with the key and the reason; keys
+    in the file that no option declares go to on_unknown (default: a
+    warning on stderr), so a typo is not silently ignored."""
     environ = os.environ if environ is None else environ
-    parser = argparse.ArgumentParser(prog=prog, description=f"{prog} (options: flag > env > file > default)")
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=f"{prog} (options: flag > env > file > default)",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"{prog} {aitbc.__version__}")
     parser.add_argument("--config", help=f"env-style config file (env {config_env})")
     for opt in options:
         parser.add_argument(
@@ -77,7 +111,15 @@ def load(
     file_values: dict[str, str] = {}
     config_path = args.config or environ.get(config_env)
     if config_path:
-        file_values = parse_env_file(Path(config_path))
+        try:
+            file_values = parse_env_file(Path(config_path))
+        except OSError as exc:
+            parser.exit(EX_CONFIG, f"{prog}: error: cannot read the config file {config_path}: {exc.strerror}\n")
+        except ValueError as exc:
+            parser.exit(EX_CONFIG, f"{prog}: error: {exc}\n")
+        unknown = sorted(set(file_values) - {opt.key for opt in options})
+        if unknown:
+            (on_unknown or _warn_unknown(prog))(Path(config_path), unknown)
     result: dict[str, Any] = {}
     for opt in options:
         raw: str | None = getattr(args, opt.key)
@@ -93,5 +135,5 @@ def load(
         try:
             result[opt.key] = opt.type(raw)
         except ValueError as exc:
-            parser.error(f"{opt.key}: {exc}")
+            parser.exit(EX_CONFIG, f"{prog}: error: {opt.key}={raw!r}: {exc}\n")
     return result

@@ -258,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
                 [
                     "--coord-url", f"127.0.0.1:{coord_port}",
                     "--miner-id", facts[f"{m}_id"],
-                    "--work-dir", str(var / m),
+                    "--state-dir", str(var / m),
+                    # A dev network: its key may go with var/, wherever that is.
+                    "--allow-tmp-state", "true",
                     "--wallet-addr", facts[f"{m}_address"],
                     "--admin-port", str(admin_port),
                     "--models", models,

@@ -68,7 +68,13 @@ class Network:
         proc = subprocess.Popen(
             [sys.executable, "-m", module, *flags, *self.tls_flags, "--metrics-port", "0"],
             cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+            # Keep what PYTHONPATH already holds: on a GPU host the carried
+            # wheels live there (make gpu-check).
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                **env,
+            },
             stdout=out,
             stderr=out,
         )
@@ -148,8 +154,11 @@ class Network:
                 self.target(coordinator),
                 "--miner-id",
                 ident.principal.miner_id,
-                "--work-dir",
+                "--state-dir",
                 str(self.root / name),
+                # A test network is thrown away with its folder (under /tmp).
+                "--allow-tmp-state",
+                "true",
                 "--wallet-addr",
                 ident.address,
                 "--accel-mode",

@@ -54,12 +54,14 @@ class TlsConfig:
             require_client_auth=self.ca is not None,
         )
 
-    def channel_credentials(self) -> grpc.ChannelCredentials | None:
-        """None: plaintext (no CA to verify a server with)."""
-        if self.ca is None:
+    def channel_credentials(self, *, system_roots: bool = False) -> grpc.ChannelCredentials | None:
+        """None: plaintext (no CA to verify a server with). system_roots:
+        without TLS_CA verify the server against the system's trusted roots
+        (a coordinator with a public certificate, https://...)."""
+        if self.ca is None and not system_roots:
             return None
         return grpc.ssl_channel_credentials(
-            root_certificates=self.ca.read_bytes(),
+            root_certificates=self.ca.read_bytes() if self.ca else None,
             private_key=self.key.read_bytes() if self.key else None,
             certificate_chain=self.cert.read_bytes() if self.cert else None,
         )

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the AITBC miner sidecar on a Debian host, as root, from a checkout:
 #   sudo deploy/install_miner.sh
-# Idempotent: re-running upgrades the code and keeps config, key and results.
+# Idempotent: re-running upgrades the code and keeps config, key and results
+# (all of STATE_DIR=/var/lib/aitbc; back up /var/lib/aitbc/miner.key).
 set -euo pipefail
 [ "$(id -u)" -eq 0 ] || { echo "run as root" >&2; exit 1; }
 SRC="$(cd "$(dirname "$0")/.." && pwd)"
@@ -16,7 +17,21 @@ else
 fi
 
 id aitbc >/dev/null 2>&1 || useradd --system --home-dir /var/lib/aitbc --shell /usr/sbin/nologin aitbc
+# The unit's StateDirectory= makes it too; here so doctor can run before the first start.
 install -d -o aitbc -g aitbc -m 0700 /var/lib/aitbc
+
+# Releases before STATE_DIR kept the key in WORK_DIR=/tmp/aitbc-work, which
+# for a running unit is inside its PrivateTmp (deleted when it stops): save
+# it now, before the next restart loses it.
+if [ ! -f /var/lib/aitbc/miner.key ]; then
+    for old in /tmp/systemd-private-*-aitbc-miner.service-*/tmp/aitbc-work/miner.key /tmp/aitbc-work/miner.key; do
+        if [ -f "$old" ]; then
+            install -o aitbc -g aitbc -m 0600 "$old" /var/lib/aitbc/miner.key
+            echo "saved the miner key from $old to /var/lib/aitbc/miner.key: back it up"
+            break
+        fi
+    done
+fi
 install -d -m 0755 /opt/aitbc /etc/aitbc
 
 # The code, then its pinned dependencies and generated stubs.
@@ -34,5 +49,6 @@ install -m 0644 "$SRC/deploy/aitbc-miner.logrotate" /etc/logrotate.d/aitbc-miner
 systemctl daemon-reload
 systemctl enable aitbc-miner.service >/dev/null
 
-echo "check the host:  cd /opt/aitbc && sudo -u aitbc env PYTHONPATH=/opt/aitbc .venv/bin/python -m miner_svc doctor --config /etc/aitbc/miner.conf"
+echo "check the host:  sudo -u aitbc /opt/aitbc/.venv/bin/aitbc-miner doctor --config /etc/aitbc/miner.conf"
 echo "then:            systemctl start aitbc-miner && journalctl -u aitbc-miner -f"
+echo "and back up:     /var/lib/aitbc/miner.key (made on first start; it signs for this miner)"

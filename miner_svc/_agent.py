@@ -17,8 +17,10 @@ from pathlib import Path
 import grpc
 import structlog
 
+import aitbc
 from aitbc import crypto
 from aitbc.auth import auth_metadata
+from aitbc.config import EX_CONFIG, EX_NOPERM
 from aitbc.rpc import channel as rpc_channel
 from aitbc.rpc import error_reason
 from aitbc.signed import seal
@@ -30,14 +32,31 @@ from miner_svc import _metrics as M
 from miner_svc._gpu import Gpu, Nvml
 from miner_svc._prepare import prepare
 from miner_svc._runs import RunOutcome
+from miner_svc._state import RESULTS_DIR
 from miner_svc._worker import JobFailed, SlotPool
 
 log = structlog.get_logger()
 
 CHUNK_BYTES = 1024 * 1024
 MAX_BACKOFF_SECS = 10.0
-# Errors a reconnect cannot fix: the operator must.
-FATAL_CODES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT}
+# Errors a reconnect cannot fix: the owner or the operator must. The exit
+# status tells systemd not to restart (RestartPreventExitStatus=77 78).
+FATAL_CODES = {
+    grpc.StatusCode.UNAUTHENTICATED: EX_NOPERM,
+    grpc.StatusCode.PERMISSION_DENIED: EX_NOPERM,
+    grpc.StatusCode.INVALID_ARGUMENT: EX_CONFIG,
+}
+# What the owner does about each refusal (ErrorInfo reason).
+FIXES = {
+    "BAD_TOKEN": "the token is unknown or revoked: ask the network's operator for a new miner token (API_KEY)",
+    "TOKEN_EXPIRED": "the token has expired: ask the network's operator for a new one (API_KEY)",
+    "MISSING_TOKEN": "set API_KEY to the miner token the network issued you",
+    "ROLE_NOT_ALLOWED": "API_KEY is not a miner token: ask the operator for one issued with --role miner",
+    "MINER_ID_MISMATCH": "the token belongs to another MINER_ID: set MINER_ID to the one it was issued for",
+    "KEY_MISMATCH": "the coordinator holds another key for this MINER_ID: restore STATE_DIR/miner.key from your "
+    "backup, or send `aitbc-miner show-key`'s output to the operator to re-key this miner (README, Lost miner key)",
+    "MINER_BANNED": "the network banned this miner for refused results: talk to its operator",
+}
 
 
 @dataclass(frozen=True)
@@ -46,6 +65,7 @@ class MinerConfig:
     api_key: str
     miner_id: str
     payout_address: str
+    # Scratch: running jobs' inputs and outputs, emptied at start.
     work_dir: Path
     heartbeat_secs: float
     slots: int
@@ -60,10 +80,25 @@ class MinerConfig:
     vram_cap_fraction: float = 0.95
     # TLS to the coordinator (mutual when it has a certificate).
     tls: TlsConfig | None = None
+    # Lasting: finished results waiting for delivery (in results/).
+    state_dir: Path | None = None
+
+    @property
+    def results_dir(self) -> Path:
+        return (self.state_dir or self.work_dir) / RESULTS_DIR
 
 
 class FatalMinerError(Exception):
-    pass
+    """The coordinator refused this miner for a reason a retry cannot fix."""
+
+    def __init__(self, message: str, *, exit_status: int = EX_NOPERM, reason: str = "") -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+        self.reason = reason
+
+    @property
+    def fix(self) -> str:
+        return FIXES.get(self.reason, "check API_KEY, MINER_ID and WALLET_ADDR against what the operator issued")
 
 
 class MinerAgent:
@@ -99,6 +134,7 @@ class MinerAgent:
             public_key=self.key.public_key,
             payout_address=c.payout_address,
             in_flight_lease_ids=sorted(set(self._running) | set(self._finished)),
+            version=aitbc.__version__,
             capabilities=cpb.Capabilities(
                 workloads=["matmul", *sorted({key.split("/")[0] for key in c.models})],
                 models=[
@@ -132,8 +168,11 @@ class MinerAgent:
                 raise
             except grpc.aio.AioRpcError as err:
                 if err.code() in FATAL_CODES:
+                    reason = error_reason(err)
                     raise FatalMinerError(
-                        f"coordinator refused this miner: {err.code().name} {error_reason(err)}: {err.details()}"
+                        f"coordinator refused this miner: {err.code().name} {reason}: {err.details()}",
+                        exit_status=FATAL_CODES[err.code()],
+                        reason=reason,
                     ) from None
                 log.warning("coordinator_unreachable", code=err.code().name, details=err.details())
             if stop.is_set():
@@ -259,12 +298,24 @@ class MinerAgent:
         log.info("assignment_cancelled", lease_id=lease_id, reason=reason)
 
     def recover(self) -> int:
-        """Pick up results a previous process finished but did not deliver."""
+        """Pick up results a previous process finished but did not deliver,
+        and empty the scratch space of jobs that died mid-run (their leases
+        lapse). A finished result still in WORK_DIR (an older release kept
+        them there) moves into the spool first."""
+        spool = self.config.results_dir
         jobs = self.config.work_dir / "jobs"
         for job_dir in sorted(jobs.glob("*")) if jobs.exists() else []:
+            if (job_dir / RESULT_FILE).exists():
+                spool.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(spool / job_dir.name, ignore_errors=True)
+                shutil.move(job_dir, spool / job_dir.name)
+                log.info("result_moved_to_state_dir", lease_id=job_dir.name, spool=str(spool))
+            else:
+                shutil.rmtree(job_dir, ignore_errors=True)
+        for job_dir in sorted(spool.glob("*")) if spool.exists() else []:
             result_file = job_dir / RESULT_FILE
             if not result_file.exists():
-                shutil.rmtree(job_dir, ignore_errors=True)  # died mid-run: the lease lapses
+                shutil.rmtree(job_dir, ignore_errors=True)  # cut short while moving in
                 continue
             msg = cpb.ConnectRequest.FromString(result_file.read_bytes())
             self._finished[msg.result.lease_id] = msg
@@ -350,6 +401,7 @@ class MinerAgent:
         structlog.contextvars.bind_contextvars(job_id=a.job_id, lease_id=a.lease_id)
         self.job_of[a.lease_id] = a.job_id
         job_dir = self.config.work_dir / "jobs" / a.lease_id
+        spooled = self.config.results_dir / a.lease_id
         try:
             if not self.pool.has_free_slot():
                 # Prefetched: make its inputs while the slots finish earlier
@@ -397,21 +449,26 @@ class MinerAgent:
             )
             receipt = seal(body, crypto.RECEIPT_DOMAIN, self.key)
             result = cpb.ConnectRequest(result=cpb.JobResult(lease_id=a.lease_id, receipt=receipt))
-            # On disk beside the output, so a result survives a sidecar
-            # restart too and is delivered by the next process.
-            _write_atomic(job_dir / RESULT_FILE, result.SerializeToString())
-            self._outputs[a.lease_id] = Path(outcome.output_path)
+            # Into STATE_DIR beside its output, so a result survives a
+            # sidecar restart (and a wiped WORK_DIR) and is delivered by the
+            # next process; the result file last, as the mark of a whole one.
+            output = await asyncio.to_thread(_spool_output, Path(outcome.output_path), spooled)
+            _write_atomic(spooled / RESULT_FILE, result.SerializeToString())
+            shutil.rmtree(job_dir, ignore_errors=True)
+            self._outputs[a.lease_id] = output
             self._finished[a.lease_id] = result
             log.info("job_finished", tflops=round(outcome.tflops, 4), seconds=round(outcome.run_seconds, 4))
             M.JOBS.labels("finished").inc()
         except asyncio.CancelledError:
             shutil.rmtree(job_dir, ignore_errors=True)
+            shutil.rmtree(spooled, ignore_errors=True)
             raise
         except Exception as exc:
             reason = str(exc) if isinstance(exc, JobFailed) else repr(exc)
             log.warning("job_failed", error=reason)
             M.JOBS.labels("failed").inc()
             shutil.rmtree(job_dir, ignore_errors=True)
+            shutil.rmtree(spooled, ignore_errors=True)
             self._finished[a.lease_id] = cpb.ConnectRequest(
                 failure=cpb.JobFailure(lease_id=a.lease_id, reason=reason[:500])
             )
@@ -446,7 +503,15 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-def ensure_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-    return path
+def _spool_output(output: Path, spooled: Path) -> Path:
+    """Move a finished output into the spool (a rename when WORK_DIR is on
+    the same file system, as by default) and make it durable there."""
+    spooled.mkdir(parents=True, exist_ok=True)
+    dest = spooled / "output.bin"
+    shutil.move(output, dest)
+    fd = os.open(dest, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return dest

@@ -6,40 +6,38 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from pathlib import Path
 from typing import Any
 
 import grpc
 
 from aitbc import crypto
 from aitbc.auth import auth_metadata
-from aitbc.rpc import channel, error_reason, insecure_channel
+from aitbc.config import EX_CONFIG
+from aitbc.rpc import channel, error_reason
 from aitbc.signed import seal
 from aitbc.timeutil import ts_now
-from aitbc.tls import TlsConfig
 from aitbc.v1 import coordinator_pb2 as cpb
-from aitbc.v1 import coordinator_pb2_grpc, miner_pb2, miner_pb2_grpc, signing_pb2
-
-
-async def _sidecar_running(admin_port: int, api_key: str) -> bool:
-    async with insecure_channel(f"127.0.0.1:{admin_port}") as ch:
-        try:
-            await miner_pb2_grpc.MinerAdminServiceStub(ch).GetStatus(
-                miner_pb2.GetStatusRequest(), metadata=auth_metadata(api_key), timeout=1
-            )
-        except grpc.aio.AioRpcError as err:
-            return err.code() != grpc.StatusCode.UNAVAILABLE and err.code() != grpc.StatusCode.DEADLINE_EXCEEDED
-    return True
+from aitbc.v1 import coordinator_pb2_grpc, signing_pb2
+from miner_svc import _settings
+from miner_svc._state import Layout
 
 
 def rotate_key(conf: dict[str, Any]) -> int:
-    key_path = Path(conf["KEY_FILE"] or Path(conf["WORK_DIR"]) / "miner.key")
+    from miner_svc._status import probe
+
+    layout = Layout.from_config(conf)
+    key_path = layout.key_file
     if not key_path.exists():
         print(f"no key at {key_path} yet: the sidecar makes one on its first start")
         return 1
-    if asyncio.run(_sidecar_running(conf["ADMIN_PORT"], conf["API_KEY"])):
+    if asyncio.run(probe(conf["ADMIN_PORT"], conf["API_KEY"]))[0]:
         print("the sidecar is running and signs with the current key: stop it first (systemctl stop aitbc-miner)")
         return 1
+    try:
+        endpoint, tls = _settings.link(conf)
+    except ValueError as exc:
+        print(exc)
+        return EX_CONFIG
     old = crypto.load_or_create_key(key_path)
     new = crypto.KeyPair.generate()
     body = signing_pb2.KeyRotationBody(
@@ -52,7 +50,7 @@ def rotate_key(conf: dict[str, Any]) -> int:
     crypto.save_key(pending, new)  # on disk before the coordinator knows it
 
     async def call() -> cpb.RotateKeyResponse:
-        async with channel(conf["COORD_URL"], TlsConfig.from_config(conf)) as ch:
+        async with channel(str(endpoint), tls) as ch:
             stub = coordinator_pb2_grpc.MinerGatewayServiceStub(ch)
             resp: cpb.RotateKeyResponse = await stub.RotateKey(
                 request, metadata=auth_metadata(conf["API_KEY"]), timeout=10
@@ -68,4 +66,5 @@ def rotate_key(conf: dict[str, Any]) -> int:
     key_path.rename(key_path.with_name(f"{key_path.name}.old-{int(time.time())}"))
     pending.rename(key_path)
     print(f"rotated: {key_path} now holds {new.public_key.hex()}; the old key is kept beside it")
+    print(f"back up {key_path} again: the old one no longer signs for this miner")
     return 0

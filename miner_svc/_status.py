@@ -43,7 +43,26 @@ def render(s: miner_pb2.GetStatusResponse) -> str:
     return "\n".join(lines)
 
 
+async def probe(port: int, api_key: str) -> tuple[bool, miner_pb2.GetStatusResponse | None]:
+    """(whether a sidecar answers on the admin port, its status if it takes
+    api_key). ADMIN_PORT=0 (the sidecar picked one) cannot be found."""
+    if port == 0:
+        return False, None
+    async with insecure_channel(f"127.0.0.1:{port}") as ch:
+        try:
+            resp: miner_pb2.GetStatusResponse = await miner_pb2_grpc.MinerAdminServiceStub(ch).GetStatus(
+                miner_pb2.GetStatusRequest(), metadata=auth_metadata(api_key), timeout=2
+            )
+        except grpc.aio.AioRpcError as err:
+            return err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED), None
+    return True, resp
+
+
 def status(port: int, api_key: str) -> int:
+    if port == 0:
+        print("ADMIN_PORT=0: give the port the sidecar chose (its log's admin_listening line) with --admin-port")
+        return 1
+
     async def fetch() -> Any:
         async with insecure_channel(f"127.0.0.1:{port}") as ch:
             return await miner_pb2_grpc.MinerAdminServiceStub(ch).GetStatus(

@@ -21,6 +21,7 @@ from aitbc.timeutil import ts_now
 from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import coordinator_pb2_grpc, miner_pb2, miner_pb2_grpc, signing_pb2
 from miner_svc.__main__ import OPTIONS
+from miner_svc._state import under_temp
 from tests.test_coordinator import long_spec, running_on
 from tests.test_e2e import Clients, matmul_spec
 
@@ -47,7 +48,9 @@ def test_service_unit_is_hardened_and_drains() -> None:
         "ProtectHome=yes",
         "Restart=always",
         "KillSignal=SIGTERM",
-        "ReadWritePaths=/var/lib/aitbc",
+        "StateDirectory=aitbc",
+        "StateDirectoryMode=0700",
+        "RestartPreventExitStatus=77 78",
     ):
         assert directive in unit.splitlines(), directive
     assert "miner_svc run --config /etc/aitbc/miner.conf" in unit
@@ -68,34 +71,40 @@ def doctor(*flags: str, env: dict[str, str] | None = None) -> subprocess.Complet
 def test_doctor_passes_on_a_cpu_host_with_a_live_coordinator(network: Network, tmp_path: Path) -> None:
     network.start_wallet()
     network.start_coordinator()
-    out = doctor("--coord-url", network.coord_target, "--work-dir", str(tmp_path / "w"),
-                 env={"AITBC_MINER_API_KEY": "anything"})  # fmt: skip
+    miner = network.ids["miner"]
+    out = doctor("--coord-url", network.coord_target, "--state-dir", str(tmp_path / "s"), "--allow-tmp-state", "true",
+                 "--miner-id", "miner-1", "--wallet-addr", miner.address,
+                 env={"AITBC_MINER_API_KEY": miner.token})  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     assert "WARN no GPU through NVML: jobs will run on the CPU" in out.stdout
     assert f"OK   coordinator {network.coord_target} serves miners" in out.stdout
+    assert "OK   the coordinator accepts API_KEY as a miner token for miner-1" in out.stdout
     assert out.stdout.strip().endswith("all checks passed")
 
 
 def test_doctor_says_what_to_fix(tmp_path: Path) -> None:
-    work = tmp_path / "w"
-    work.mkdir()
-    key = work / "miner.key"
+    state = tmp_path / "s"
+    state.mkdir()
+    key = state / "miner.key"
     key.write_text("00" * 32 + "\n")
     key.chmod(0o644)
-    out = doctor("--coord-url", "127.0.0.1:1", "--work-dir", str(work), "--wallet-addr", "ait_typo",
-                 "--accel-mode", "gpu", "--models", f"llm_gen:big={work}/nowhere", "--tls-ca", "/no/ca.pem",
+    out = doctor("--coord-url", "127.0.0.1:1", "--state-dir", str(state), "--wallet-addr", "ait_typo",
+                 "--accel-mode", "gpu-only", "--models", f"llm_gen:big={state}/nowhere", "--tls-ca", "/no/ca.pem",
                  env={"AITBC_MINER_API_KEY": ""})  # fmt: skip
     assert out.returncode == 1
     for expected in (
         "FAIL API_KEY is empty",
-        "FAIL WALLET_ADDR: address checksum does not match: check for a typo",
+        "FAIL WALLET_ADDR='ait_typo' is not an AIT address (address checksum does not match: check for a typo)",
+        "fix: expected ait_ followed by 39 lowercase letters and digits",
+        f"FAIL STATE_DIR {state} is under {under_temp(state)}",
         f"fix: chmod 600 {key}",
-        "FAIL ACCEL_MODE=gpu but NVML sees no GPU",
-        "FAIL coordinator 127.0.0.1:1 does not answer",
-        f"FAIL MODELS entry 'llm_gen:big={work}/nowhere': {work}/nowhere is not a model folder",
+        "FAIL ACCEL_MODE=gpu-only but NVML sees no GPU",
+        f"FAIL MODELS entry 'llm_gen:big={state}/nowhere': {state}/nowhere is not a model folder",
         "FAIL TLS: /no/ca.pem does not exist",
     ):
         assert expected in out.stdout, (expected, out.stdout)
+    unreachable = doctor("--coord-url", "127.0.0.1:1", "--state-dir", str(state), env={"AITBC_MINER_API_KEY": "x1"})
+    assert "FAIL coordinator 127.0.0.1:1 does not answer" in unreachable.stdout, unreachable.stdout
 
 
 async def test_status_shows_the_running_job_and_drain_stops_the_sidecar(network: Network) -> None:
@@ -149,7 +158,7 @@ async def test_rotate_key_registers_the_new_key_under_the_old_one(network: Netwo
     token = network.ids["miner"].token
     key_file = network.root / "miner" / "miner.key"
     rotate = ["rotate-key", "--coord-url", network.coord_target, "--miner-id", "miner-1",
-              "--work-dir", str(network.root / "miner")]  # fmt: skip
+              "--state-dir", str(network.root / "miner")]  # fmt: skip
     try:
         await clients.mint("client", 1_000_000)
         first = (await clients.watch((await clients.submit(matmul_spec(n=16))).job_id))[-1]
