@@ -16,7 +16,7 @@ from aitbc.server import server_settings, wait_for_shutdown_signal, write_ready_
 from aitbc.sqlite import SchemaMismatch
 from aitbc.tls import TlsConfig
 from coordinator_svc._jobs import Coordinator, Settings, parse_prices
-from coordinator_svc._metrics import watch_store
+from coordinator_svc._metrics import watch_sidecar_versions, watch_store
 from coordinator_svc._store import open_job_store
 from coordinator_svc._wallet import WalletClient
 from coordinator_svc.server import OPTIONS, CoordinatorDeps, build_server
@@ -64,6 +64,7 @@ async def serve(conf: dict) -> int:
     )
     service, port = build_server(conf, CoordinatorDeps(core=core, tokens=TokenTable.load(conf["TOKENS_FILE"])))
     watch_store(store)
+    watch_sidecar_versions(lambda: [s.version for s in list(core.sessions.values())])
     metrics = serve_metrics(conf["METRICS_PORT"], conf["METRICS_HOST"], conf["READY_FILE"])
     await service.start()
     try:

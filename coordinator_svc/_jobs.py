@@ -31,7 +31,7 @@ import structlog
 from aitbc import crypto
 from aitbc.audit import audit
 from aitbc.auth import Principal
-from aitbc.errors import AitbcError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from aitbc.errors import AitbcError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from aitbc.signed import seal
 from aitbc.timeutil import ts_from_datetime, ts_now
 from aitbc.v1 import coordinator_pb2 as cpb
@@ -139,6 +139,10 @@ class MinerSession:
     telemetry: list[Any] = field(default_factory=list)
     # 0..1 from its record of accepted and refused results (see reputation()).
     reputation: float = 0.5
+    # The sidecar's release as a bounded metric label (see _metrics.version_label).
+    version: str = "unknown"
+    # Why the coordinator ends this stream, told to the miner as its status.
+    closed_by: AitbcError | None = None
 
     @property
     def accepts_work(self) -> bool:
@@ -258,7 +262,10 @@ class Coordinator:
         def on_change(job_id: str, state: str) -> None:  # on the listener's thread
             loop.call_soon_threadsafe(self._changed_elsewhere, job_id, state)
 
-        self.store.listen(on_change)
+        def on_miner_key(miner_id: str) -> None:  # on the listener's thread
+            loop.call_soon_threadsafe(lambda: self.spawn(self.check_miner_key(miner_id)))
+
+        self.store.listen(on_change, on_miner_key)
         await self._recover()
         for coro in (self._dispatch_loop(), self._lease_loop(), self._outbox_loop()):
             self._tasks.append(asyncio.create_task(coro))
@@ -685,6 +692,11 @@ class Coordinator:
             # The newest stream wins; the old one is told to go away.
             old.outbox.put_nowait(None)
         self.sessions[session.miner_id] = session
+        # Read again now that the session is listed: a reset committed after
+        # the hello was checked either finds the session or is seen here.
+        if await self._stale_key(session):
+            self._close_stale(session)
+            return
         # Leases the miner held before (a reconnect): keep them on the new
         # session so its results are accepted.
         held = await self.db(self.store.leased_by, session.miner_id)
@@ -708,8 +720,51 @@ class Coordinator:
             slots=session.slots,
             gpu=session.gpu,
             workloads=sorted(session.workloads),
+            version=session.version,
         )
         self.wake()
+
+    async def check_miner_key(self, miner_id: str) -> None:
+        """Close this replica's stream of the miner if its key is no longer
+        the registered one (reset or rotated, here or on another replica)."""
+        session = self.sessions.get(miner_id)
+        if session is not None and await self._stale_key(session):
+            self._close_stale(session)
+
+    async def _stale_key(self, session: MinerSession) -> bool:
+        if session.closed_by is not None:
+            return True
+        return await self.db(self.store.miner_key, session.miner_id) != session.public_key
+
+    def _close_stale(self, session: MinerSession) -> None:
+        """End the stream with KEY_MISMATCH; its leases are requeued as it
+        leaves (miner_left)."""
+        if session.closed_by is not None:
+            return
+        audit("miner_stream_closed_stale_key", miner_id=session.miner_id, key=session.public_key.hex())
+        session.draining = True  # no new work while the stream winds down
+        session.closed_by = PermissionDenied(
+            f"miner {session.miner_id!r} is registered with another key now: this stream's key was replaced",
+            reason="KEY_MISMATCH",
+        )
+        session.outbox.put_nowait(None)
+
+    async def reset_miner_key(self, caller: Principal, miner_id: str, new_key: bytes, reason: str,
+                              request_id: str) -> st.KeyReset:  # fmt: skip
+        reset = await self.db(self.store.reset_miner_key, miner_id, new_key, request_id, caller.name, reason)
+        if reset is None:
+            raise NotFound(f"no miner {miner_id!r} is registered", field="miner_id", reason="MINER_NOT_FOUND")
+        if reset.conflict:
+            raise AlreadyExists("request_id was already used for another reset", field="request_id",
+                                reason="REQUEST_ID_REUSED")  # fmt: skip
+        if reset.applied:
+            audit("miner_key_reset", by=caller.name, miner_id=miner_id, old_key=reset.old_key.hex(),
+                  new_key=reset.new_key.hex(), reason=reason, request_id=request_id)  # fmt: skip
+        else:
+            log.info("miner_key_reset_retried", by=caller.name, miner_id=miner_id, request_id=request_id)
+        # Also on a retry: the first attempt may have died before this.
+        await self.check_miner_key(miner_id)
+        return reset
 
     async def miner_left(self, session: MinerSession, reason: str) -> None:
         if self.sessions.get(session.miner_id) is session and not self._stopping:
@@ -789,6 +844,15 @@ class Coordinator:
         job_id = self._lease_of(session, lease_id)
         if job_id is None:
             await self._ack(session, lease_id, "VERDICT_UNSPECIFIED", "stale or unknown lease: result refused")
+            return
+        # The store, not the session, says which key signs for the miner: a
+        # reset on another replica may not have reached us yet. The lease
+        # stays on the session, so closing it requeues the job, and the
+        # refusal does not count against the miner id's new owner.
+        if await self._stale_key(session):
+            await self._ack(session, lease_id, "VERDICT_BAD_SIGNATURE",
+                            "this miner's key was replaced: a receipt under the old key is refused")  # fmt: skip
+            self._close_stale(session)  # after the ack: it learns why
             return
         up = session.uploads.pop(lease_id, None)
         session.leases.pop(lease_id, None)

@@ -5,7 +5,9 @@ restart and across replicas); the rest is counted as it happens."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import re
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -59,6 +61,39 @@ class StoreCollector(Collector):
 
 def watch_store(store: Any) -> None:
     REGISTRY.register(StoreCollector(store))
+
+
+# A release as the sidecar names it ("0.1.0", "1.2.3rc1", "0.1.0+g1a2b3c"),
+# short enough for a label. A miner may send any string: what does not look
+# like this is "other", so hostile hellos cannot mint long or many labels.
+_VERSION = re.compile(r"v?[0-9]{1,4}(\.[0-9]{1,4}){1,3}([.+-]?[0-9A-Za-z][0-9A-Za-z.+-]{0,23})?")
+
+
+def version_label(version: str) -> str:
+    if not version:
+        return "unknown"
+    return version if _VERSION.fullmatch(version) else "other"
+
+
+class SidecarVersionCollector(Collector):
+    """aitbc_miner_sidecar_versions{version}: connected miners per sidecar
+    release, counted from the open streams at scrape time, so a label lives
+    only while a miner of that version is connected."""
+
+    def __init__(self, versions: Callable[[], Iterable[str]]) -> None:
+        self._versions = versions
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "aitbc_miner_sidecar_versions", "Connected miners by sidecar release", labels=["version"]
+        )
+        for version, n in sorted(Tally(self._versions()).items()):
+            family.add_metric([version], n)
+        yield family
+
+
+def watch_sidecar_versions(versions: Callable[[], Iterable[str]]) -> None:
+    REGISTRY.register(SidecarVersionCollector(versions))
 
 
 def gpu_telemetry(miner_id: str, telemetry: Any) -> None:

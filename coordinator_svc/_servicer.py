@@ -20,6 +20,7 @@ from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import coordinator_pb2_grpc, signing_pb2
 from coordinator_svc import _store as st
 from coordinator_svc._jobs import Coordinator, MinerSession, load_runs, reputation
+from coordinator_svc._metrics import version_label
 from coordinator_svc._store import JobRecord
 
 log = structlog.get_logger()
@@ -156,17 +157,20 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
             raise FailedPrecondition("the stream must open with a hello", reason="HELLO_REQUIRED")
         session = await self._register(caller.miner_id, caller.address, first.hello)
         structlog.contextvars.bind_contextvars(miner_id=session.miner_id)
-        await self._core.miner_joined(session, frozenset(first.hello.in_flight_lease_ids))
-        yield cpb.ConnectResponse(
-            welcome=cpb.Welcome(
-                session_id=session.session_id,
-                network_id=self._core.settings.network_id,
-                heartbeat_interval=duration(self._core.settings.heartbeat_secs),
-            )
-        )
-        reader = asyncio.create_task(self._read(session, request_iterator))
+        reader: asyncio.Task[None] | None = None
         reason = "stream closed by miner"
         try:
+            await self._core.miner_joined(session, frozenset(first.hello.in_flight_lease_ids))
+            if session.closed_by is not None:  # its key was replaced meanwhile
+                raise session.closed_by
+            yield cpb.ConnectResponse(
+                welcome=cpb.Welcome(
+                    session_id=session.session_id,
+                    network_id=self._core.settings.network_id,
+                    heartbeat_interval=duration(self._core.settings.heartbeat_secs),
+                )
+            )
+            reader = asyncio.create_task(self._read(session, request_iterator))
             while True:
                 get = asyncio.ensure_future(session.outbox.get())
                 done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
@@ -178,11 +182,15 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
                     break
                 msg = get.result()
                 if msg is None:
+                    if session.closed_by is not None:
+                        reason = session.closed_by.message
+                        raise session.closed_by
                     reason = "replaced by a newer stream or shutting down"
                     break
                 yield msg
         finally:
-            reader.cancel()
+            if reader is not None:
+                reader.cancel()
             # Runs as its own task: the handler may be being cancelled.
             task = asyncio.create_task(self._core.miner_left(session, reason))
             self._cleanup.add(task)
@@ -209,6 +217,7 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
         if not rotated:
             raise PermissionDenied("the rotation is not signed by the miner's current key", reason="KEY_MISMATCH")
         audit("miner_key_rotated", miner_id=body.miner_id, old_key=old_key.hex(), new_key=new_key.hex())
+        await self._core.check_miner_key(body.miner_id)
         return cpb.RotateKeyResponse(public_key=new_key)
 
     async def _register(self, token_miner_id: str, token_address: str, hello: cpb.MinerHello) -> MinerSession:
@@ -239,7 +248,11 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
             audit("miner_key_mismatch", miner_id=hello.miner_id, presented=key.hex())
             raise PermissionDenied(f"miner {hello.miner_id!r} is registered with another key", reason="KEY_MISMATCH")
         gpu = caps.accel == cpb.ACCEL_KIND_CUDA and len(caps.gpus) > 0
+        version = version_label(hello.version)
+        if version == "other":
+            log.info("miner_version_unrecognised", miner_id=hello.miner_id, version=hello.version[:64])
         return MinerSession(
+            version=version,
             reputation=reputation(*standing),
             miner_id=hello.miner_id,
             public_key=key,
@@ -280,3 +293,24 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
             pass
         except Exception:
             log.exception("miner_stream_error")
+
+
+class CoordinatorAdminServicer(coordinator_pb2_grpc.CoordinatorAdminServiceServicer):
+    def __init__(self, core: Coordinator) -> None:
+        self._core = core
+
+    async def ResetMinerKey(
+        self, request: cpb.ResetMinerKeyRequest, context: grpc.aio.ServicerContext
+    ) -> cpb.ResetMinerKeyResponse:
+        caller = principal()
+        if not request.miner_id or len(request.miner_id) > 128:
+            raise InvalidArgument("miner_id is required (at most 128 characters)", field="miner_id")
+        key = crypto.check_public_key(request.new_public_key, field="new_public_key")
+        reason = request.reason.strip()
+        if not reason or len(reason) > 500:
+            raise InvalidArgument("reason is required (1..500 characters): it goes to the audit log", field="reason")
+        if not 1 <= len(request.request_id) <= 128:
+            raise InvalidArgument("request_id must be 1..128 characters; retries reuse it", field="request_id")
+        structlog.contextvars.bind_contextvars(miner_id=request.miner_id)
+        reset = await self._core.reset_miner_key(caller, request.miner_id, key, reason, request.request_id)
+        return cpb.ResetMinerKeyResponse(old_public_key=reset.old_key, public_key=reset.new_key)

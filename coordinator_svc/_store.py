@@ -60,6 +60,18 @@ CREATE TABLE IF NOT EXISTS miners (
     accepted       INTEGER NOT NULL DEFAULT 0,
     refused        INTEGER NOT NULL DEFAULT 0
 );
+-- Operators' re-keys of miners whose key was lost: the durable record
+-- behind the audit line, and what makes a retried reset apply once.
+-- Additive: a build without it reads the same file, so the version stays.
+CREATE TABLE IF NOT EXISTS miner_key_resets (
+    request_id  TEXT PRIMARY KEY,
+    miner_id    TEXT NOT NULL,
+    old_key     BLOB NOT NULL,
+    new_key     BLOB NOT NULL,
+    by_name     TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    create_time TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS outbox (
     job_id       TEXT NOT NULL,
     kind         TEXT NOT NULL CHECK (kind IN ('settle', 'release')),
@@ -129,6 +141,16 @@ _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
 
 
 @dataclass(frozen=True)
+class KeyReset:
+    old_key: bytes
+    new_key: bytes
+    # False for a retry of a reset already made (nothing changed now).
+    applied: bool
+    # The request id was used before for another miner or key.
+    conflict: bool = False
+
+
+@dataclass(frozen=True)
 class OutboxItem:
     job_id: str
     kind: str
@@ -161,9 +183,13 @@ class JobStore:
     def _notify(self, db: Any, rec: JobRecord) -> None:
         """Tell other replicas a job changed (no-op with one process)."""
 
-    def listen(self, on_change: Callable[[str, str], None]) -> None:
-        """Call on_change(job_id, state) for changes made by other
-        processes; a single-process store has none."""
+    def _notify_miner(self, db: Any, miner_id: str) -> None:
+        """Tell other replicas a miner's key changed (no-op with one process)."""
+
+    def listen(self, on_change: Callable[[str, str], None], on_miner_key: Callable[[str], None] | None = None) -> None:
+        """Call on_change(job_id, state) for job changes and
+        on_miner_key(miner_id) for key changes made by other processes; a
+        single-process store has none."""
 
     def close(self) -> None:
         raise NotImplementedError
@@ -334,7 +360,41 @@ class JobStore:
             cur = db.execute(
                 "UPDATE miners SET public_key = ? WHERE miner_id = ? AND public_key = ?", (new, miner_id, old)
             )
-            return int(cur.rowcount) == 1
+            if int(cur.rowcount) != 1:
+                return False
+            self._notify_miner(db, miner_id)
+            return True
+
+    def miner_key(self, miner_id: str) -> bytes | None:
+        with self._read() as db:
+            row = db.execute("SELECT public_key FROM miners WHERE miner_id = ?", (miner_id,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def reset_miner_key(self, miner_id: str, new: bytes, request_id: str, by: str, reason: str) -> KeyReset | None:
+        """Replace the miner's key whatever it is, once per request id.
+        None if the miner id was never registered."""
+        with self._tx() as db:
+            # The row lock orders rival resets of one miner (PostgreSQL).
+            row = db.execute(
+                f"SELECT public_key FROM miners WHERE miner_id = ?{self.FOR_UPDATE}", (miner_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            old = bytes(row[0])
+            cur = db.execute(
+                "INSERT INTO miner_key_resets(request_id, miner_id, old_key, new_key, by_name, reason, create_time) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
+                (request_id, miner_id, old, new, by, reason, now_iso()),
+            )
+            if int(cur.rowcount) != 1:
+                prior = db.execute(
+                    "SELECT miner_id, old_key, new_key FROM miner_key_resets WHERE request_id = ?", (request_id,)
+                ).fetchone()
+                same = (prior[0], bytes(prior[2])) == (miner_id, new)
+                return KeyReset(bytes(prior[1]), bytes(prior[2]), applied=False, conflict=not same)
+            db.execute("UPDATE miners SET public_key = ? WHERE miner_id = ?", (new, miner_id))
+            self._notify_miner(db, miner_id)
+            return KeyReset(old, new, applied=True)
 
     def record_verdict(self, miner_id: str, accepted: bool) -> tuple[int, int]:
         """Count a verdict on the miner's result; return (accepted, refused)."""
@@ -420,6 +480,8 @@ class PostgresJobStore(JobStore):
 
     FOR_UPDATE = " FOR UPDATE"
     CHANNEL = "aitbc_jobs"
+    # Payload: a miner id whose key was rotated or reset.
+    MINER_CHANNEL = "aitbc_miner_keys"
     SCHEMA_LOCK = 0x41495443
 
     def __init__(self, dsn: str) -> None:
@@ -453,14 +515,22 @@ class PostgresJobStore(JobStore):
     def _notify(self, db: Any, rec: JobRecord) -> None:
         db.execute("SELECT pg_notify(?, ?)", (self.CHANNEL, f"{rec.job_id}:{rec.state}"))
 
-    def listen(self, on_change: Callable[[str, str], None]) -> None:
+    def _notify_miner(self, db: Any, miner_id: str) -> None:
+        db.execute("SELECT pg_notify(?, ?)", (self.MINER_CHANNEL, miner_id))
+
+    def listen(self, on_change: Callable[[str, str], None], on_miner_key: Callable[[str], None] | None = None) -> None:
         def run() -> None:
             while not self._stopped.is_set():
                 try:
                     with self._psycopg.connect(self._dsn, autocommit=True) as conn:
                         conn.execute(f"LISTEN {self.CHANNEL}")
+                        conn.execute(f"LISTEN {self.MINER_CHANNEL}")
                         while not self._stopped.is_set():
                             for note in conn.notifies(timeout=0.5):
+                                if note.channel == self.MINER_CHANNEL:
+                                    if on_miner_key is not None:
+                                        on_miner_key(note.payload)
+                                    continue
                                 job_id, _, state = note.payload.partition(":")
                                 on_change(job_id, state)
                 except self._psycopg.Error:

@@ -11,7 +11,7 @@ from aitbc.metrics import metrics_options
 from aitbc.server import SERVER_OPTIONS, Service, server_settings
 from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc
 from coordinator_svc._jobs import Coordinator
-from coordinator_svc._servicer import CoordinatorServicer, MinerGatewayServicer
+from coordinator_svc._servicer import CoordinatorAdminServicer, CoordinatorServicer, MinerGatewayServicer
 
 OPTIONS = [
     Option("HOST", str, "127.0.0.1", "address to listen on"),
@@ -52,6 +52,7 @@ class CoordinatorDeps:
 def build_server(config: dict, deps: CoordinatorDeps) -> tuple[Service, int]:
     client = CoordinatorServicer(deps.core)
     gateway = MinerGatewayServicer(deps.core)
+    admin = CoordinatorAdminServicer(deps.core)
     tls, limits = server_settings(config)
     service = Service(
         tls=tls,
@@ -59,10 +60,12 @@ def build_server(config: dict, deps: CoordinatorDeps) -> tuple[Service, int]:
         services=[
             coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"],
             coordinator_pb2.DESCRIPTOR.services_by_name["MinerGatewayService"],
+            coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorAdminService"],
         ],
         register=[
             lambda s: coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(client, s),
             lambda s: coordinator_pb2_grpc.add_MinerGatewayServiceServicer_to_server(gateway, s),
+            lambda s: coordinator_pb2_grpc.add_CoordinatorAdminServiceServicer_to_server(admin, s),
         ],
         tokens=deps.tokens,
         host=config["HOST"],

@@ -44,6 +44,7 @@ EXPECTED: dict[str, set[str]] = {
     "/aitbc.v1.CoordinatorService/GetJobResult": {"client"},
     "/aitbc.v1.MinerGatewayService/Connect": {"miner"},
     "/aitbc.v1.MinerGatewayService/RotateKey": {"miner"},
+    "/aitbc.v1.CoordinatorAdminService/ResetMinerKey": {"admin"},
     "/aitbc.v1.MinerAdminService/GetStatus": {"miner"},
     "/aitbc.v1.MinerAdminService/Drain": {"miner"},
 }
@@ -52,6 +53,7 @@ SERVICES = {
     "coordinator": [
         coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"],
         coordinator_pb2.DESCRIPTOR.services_by_name["MinerGatewayService"],
+        coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorAdminService"],
     ],
 }
 CALLERS = ["admin", "coordinator", "client", "miner", "none", "expired", "forged"]
