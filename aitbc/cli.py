@@ -29,7 +29,7 @@ from typing import Any, TextIO
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from aitbc import crypto
+from aitbc import __version__, crypto
 from aitbc.addresses import address_of
 from aitbc.auth import auth_metadata
 from aitbc.rpc import channel, error_reason
@@ -73,6 +73,7 @@ class Client:
         self._coord = channel(args.coordinator, tls)
         self._wallet = channel(args.wallet, tls)
         self.coord = coordinator_pb2_grpc.CoordinatorServiceStub(self._coord)
+        self.admin = coordinator_pb2_grpc.CoordinatorAdminServiceStub(self._coord)
         self.wallet = wallet_pb2_grpc.WalletServiceStub(self._wallet)
 
     @property
@@ -162,10 +163,15 @@ async def cmd_transfer(c: Client, args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def admin_token(args: argparse.Namespace, what: str) -> str:
+    token = args.admin_token or os.environ.get("AITBC_ADMIN_TOKEN", "") or os.environ.get("ADMIN_TOKEN", "")
+    if not token:
+        raise Failed(f"{what} needs an admin token: --admin-token or AITBC_ADMIN_TOKEN", EXIT_USAGE)
+    return str(token)
+
+
 async def cmd_faucet(c: Client, args: argparse.Namespace, out: TextIO) -> int:
-    admin = args.admin_token or os.environ.get("AITBC_ADMIN_TOKEN", "") or os.environ.get("ADMIN_TOKEN", "")
-    if not admin:
-        raise Failed("the dev faucet mints with an admin token: --admin-token or ADMIN_TOKEN", EXIT_USAGE)
+    admin = admin_token(args, "the dev faucet")
     address = my_address(args)
     resp = await c.wallet.Mint(
         wallet_pb2.MintRequest(address=address, amount=int(args.amount * UAIT), request_id=secrets.token_hex(8)),
@@ -173,6 +179,31 @@ async def cmd_faucet(c: Client, args: argparse.Namespace, out: TextIO) -> int:
         timeout=10,
     )
     print(f"{address} now holds {ait(resp.balance.available)}", file=out)
+    return 0
+
+
+async def cmd_reset_miner_key(c: Client, args: argparse.Namespace, out: TextIO) -> int:
+    """For an owner whose miner key file is lost: register the new key they
+    sent (their sidecar prints it) in place of the old one."""
+    admin = admin_token(args, "reset-miner-key")
+    try:
+        key = bytes.fromhex(args.public_key.strip())
+    except ValueError:
+        raise Failed("--public-key must be the new key in hex (64 characters)", EXIT_USAGE) from None
+    if not args.reason.strip():
+        raise Failed("--reason is required: it is written to the audit log", EXIT_USAGE)
+    request_id = args.request_id or secrets.token_hex(8)
+    resp = await c.admin.ResetMinerKey(
+        cpb.ResetMinerKeyRequest(miner_id=args.miner_id, new_public_key=key, reason=args.reason,
+                                 request_id=request_id),
+        metadata=auth_metadata(admin),
+        timeout=10,
+    )  # fmt: skip
+    print(f"miner     {args.miner_id}", file=out)
+    print(f"old key   {resp.old_public_key.hex()}", file=out)
+    print(f"new key   {resp.public_key.hex()}", file=out)
+    print(f"request   {request_id} (a retry with --request-id {request_id} changes nothing twice)", file=out)
+    print("streams under the old key are closed; the sidecar with the new key can connect now", file=out)
     return 0
 
 
@@ -399,6 +430,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="aitbc", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    ap.add_argument("--version", action="version", version=f"aitbc {__version__}")
     ap.add_argument("--coordinator", default=env("AITBC_COORDINATOR", "127.0.0.1:50051"))
     ap.add_argument("--wallet", default=env("AITBC_WALLET", "127.0.0.1:50052"))
     ap.add_argument("--token", default=env("AITBC_TOKEN", env("CLIENT_TOKEN", "")), help="bearer token (client)")
@@ -429,6 +461,18 @@ def parser() -> argparse.ArgumentParser:
     faucet.add_argument("--amount", type=float, default=100.0, help="AIT")
     faucet.add_argument("--admin-token", default="")
     faucet.set_defaults(run=cmd_faucet)
+
+    admin = sub.add_parser("admin", help="operator actions (admin token)")
+    admin_sub = admin.add_subparsers(dest="action", required=True)
+    reset = admin_sub.add_parser(
+        "reset-miner-key", help="register a new receipt key for a miner whose key file is lost (audited)"
+    )
+    reset.add_argument("--miner-id", required=True)
+    reset.add_argument("--public-key", required=True, help="the owner's new key, hex, as their sidecar prints it")
+    reset.add_argument("--reason", required=True, help="for the audit log: ticket, how the owner was identified")
+    reset.add_argument("--request-id", help="idempotency key (default: random); reuse it to retry")
+    reset.add_argument("--admin-token", default="")
+    reset.set_defaults(run=cmd_reset_miner_key)
 
     submit = sub.add_parser("submit", help="submit a job and follow it until it is settled")
     wl = submit.add_subparsers(dest="workload", required=True)
