@@ -48,6 +48,7 @@ async def serve(conf: dict) -> int:
         max_attempts=conf["MAX_ATTEMPTS"],
         fee_bps=conf["FEE_BPS"],
         ban_after=conf["BAN_AFTER"],
+        max_result_bytes=conf["MAX_RESULT_BYTES"],
         prices=prices,
     )
     try:

@@ -101,6 +101,9 @@ class Settings:
     prices: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(DEFAULT_PRICES))
     # A miner whose results were refused this many times is banned.
     ban_after: int = 3
+    # Largest output a job may return: its upload lands on disk and its
+    # check reads it whole, so this bounds both per job.
+    max_result_bytes: int = 64 * 2**20
 
 
 @dataclass
@@ -366,6 +369,14 @@ class Coordinator:
         if len(request_id) > 128:
             raise InvalidArgument("request_id is longer than 128 characters", field="request_id")
         workload, params = workload_of(spec)
+        size = workload.max_output_size(params)
+        if size > self.settings.max_result_bytes:
+            raise InvalidArgument(
+                f"this {workload.name} job's output would be up to {size} bytes; this coordinator takes at most "
+                f"{self.settings.max_result_bytes} (its MAX_RESULT_BYTES)",
+                field=workload.size_field,
+                reason="RESULT_TOO_LARGE",
+            )
         if spec.max_price <= 0:
             raise InvalidArgument("max_price must be positive (uait)", field="spec.max_price", reason="BAD_AMOUNT")
         policy = policy_of(workload, spec)

@@ -29,6 +29,12 @@ OPTIONS = [
     Option("FEE_BPS", int, 500, "treasury fee, in basis points of the price"),
     Option("BAN_AFTER", int, 3, "refused results after which a miner is banned"),
     Option(
+        "MAX_RESULT_BYTES",
+        int,
+        64 * 2**20,
+        "largest output a job may return; bounds each result's disk and check memory (matmul n=4096 fp32 by default)",
+    ),
+    Option(
         "PRICES",
         str,
         "",

@@ -181,6 +181,9 @@ async def test_bad_requests_get_clear_statuses(clients: Clients, network: Networ
     cases = [
         (cpb.JobSpec(max_price=10), "INVALID_ARGUMENT", "spec.workload"),
         (matmul_spec(n=0), "INVALID_ARGUMENT", "spec.matmul.n"),
+        (matmul_spec(n=16385), "INVALID_ARGUMENT", "spec.matmul.n"),
+        # 256 MiB of fp32 output: over the default MAX_RESULT_BYTES (64 MiB).
+        (matmul_spec(n=8192), "INVALID_ARGUMENT", "spec.matmul.n"),
         (matmul_spec(n=8, dtype=workloads_pb2.DTYPE_UNSPECIFIED), "INVALID_ARGUMENT", "spec.matmul.dtype"),
         (matmul_spec(max_price=0), "INVALID_ARGUMENT", "spec.max_price"),
         (matmul_spec(n=4096, max_price=1_001), "FAILED_PRECONDITION", None),

@@ -39,6 +39,9 @@ class Workload(ABC, Generic[P]):
     # True when check() proves an output correct on its own (matmul's
     # Freivalds); else correctness needs other miners' runs to compare.
     self_checking: ClassVar[bool] = False
+    # The spec field that sets the output's size, named when a coordinator
+    # refuses a job whose result would be larger than it takes.
+    size_field: ClassVar[str] = "spec"
 
     @abstractmethod
     def params(self, spec: coordinator_pb2.JobSpec) -> P:

@@ -25,7 +25,9 @@ from aitbc.v1 import coordinator_pb2, workloads_pb2
 from aitbc.workloads.base import Check, Workload
 
 NAME = "matmul"
-MAX_N = 4096
+# What any party accepts (a 1 GiB fp32 result); a coordinator takes less by
+# its MAX_RESULT_BYTES, 64 MiB (n = 4096 in fp32) unless its operator raises it.
+MAX_N = 16384
 MAX_REPEATS = 100
 DTYPES = ("fp32", "fp16", "bf16")
 ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -175,6 +177,7 @@ class Matmul(Workload[MatmulParams]):
     name = NAME
     unit = "MFLOP"
     self_checking = True
+    size_field = "spec.matmul.n"
 
     def params(self, spec: coordinator_pb2.JobSpec) -> MatmulParams:
         p = spec.matmul
