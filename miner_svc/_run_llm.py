@@ -7,6 +7,7 @@ ids the same on every honest miner of a device kind."""
 
 from __future__ import annotations
 
+import inspect
 import time
 from pathlib import Path
 from typing import Any
@@ -44,12 +45,15 @@ def run_llm(params: LlmGenParams, device: str, out_path: Path, model_path: str) 
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     generated: list[int] = []
     start = time.perf_counter()
+    # transformers renamed past_key_values to cache (in 5.2x); a GPU host's
+    # image may hold either, and a wrong name is silently ignored.
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.inference_mode():
         cache = None
         step_input = prompt_ids.to(dev)
         for i in range(params.max_new_tokens):
-            out = model(input_ids=step_input, cache=cache, use_cache=True)
-            cache = out.cache
+            out = model(input_ids=step_input, use_cache=True, **{cache_name: cache})
+            cache = getattr(out, cache_name)
             logits = out.logits[0, -1].float().cpu()
             if generator is None:
                 token = int(logits.argmax())
