@@ -8,7 +8,7 @@ PROTO_SRC := $(wildcard protos/aitbc/v1/*.proto)
 PROTO_STAMP := aitbc/v1/.generated
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install protos run test bench lint clean certs
+.PHONY: install protos run test bench lint clean certs gpu-wheels gpu-check
 
 install: $(STAMP)
 
@@ -53,3 +53,13 @@ clean:
 # A development CA and one node certificate (server and client) in var/certs.
 certs: install
 	$(PY) -m aitbc.certs var/certs
+
+# For a GPU host without PyPI (an NVIDIA PyTorch image): here, the wheels it
+# lacks into .whl/; there, `make gpu-check` installs them with --no-index and
+# runs pytest -m gpu and the end-to-end GPU run. See BENCHMARKS.md.
+gpu-wheels:
+	$(PYTHON) bench/gpu_wheels.py
+
+# No install or protos prerequisite: the GPU host has no venv and no PyPI.
+gpu-check:
+	bash bench/gpu_check.sh

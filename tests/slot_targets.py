@@ -43,3 +43,12 @@ def run_then_count_loads(spec_bytes: bytes, out_path: str, models: dict[str, str
 
     run_job(spec_bytes, "cpu", out_path, models)
     return _runs.loads
+
+
+def allocate_cuda(gib: float) -> str:
+    """Hold `gib` GiB of the slot's GPU, as a job's tensors would."""
+    import torch
+
+    block = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
+    torch.cuda.synchronize()
+    return f"held {block.numel() / 2**30:.1f} GiB"
