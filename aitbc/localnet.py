@@ -141,7 +141,12 @@ class Network:
         )
 
     def start_miner(
-        self, name: str = "miner", wait: bool = True, coordinator: str = "coordinator", extra: tuple[str, ...] = ()
+        self,
+        name: str = "miner",
+        wait: bool = True,
+        coordinator: str = "coordinator",
+        extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         ident = self.ids[name]
         ready = self.root / "run" / f"{name}.ready"
@@ -169,10 +174,19 @@ class Network:
                 str(ready),
                 *extra,
             ],
-            {"AITBC_MINER_API_KEY": ident.token},
+            {"AITBC_MINER_API_KEY": ident.token, **(env or {})},
             ready,
             wait,
         )
+
+    def add_identity(self, name: str, role: str, *, miner_id: str = "") -> Identity:
+        """A new identity with a key, its token live at once: the services
+        reload the principals file within a second."""
+        key = KeyPair.generate()
+        ident = Identity(new_token(), Principal(name, role, address=address_of(key.public_key), miner_id=miner_id), key)
+        self.ids[name] = ident
+        TokenTable.dump(self.root / "principals.json", [(i.token, i.principal) for i in self.ids.values()])
+        return ident
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> int:
         proc = self.procs.pop(name)

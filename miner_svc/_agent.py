@@ -167,6 +167,11 @@ class MinerAgent:
             except FatalMinerError:
                 raise
             except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.INTERNAL and not self._welcomed:
+                    # grpc.aio can report a stream the server refused before
+                    # reading (a bad token) as "Internal error from Core"
+                    # (grpc/grpc#36066): ask again with a unary call.
+                    err = await self._authorization() or err
                 if err.code() in FATAL_CODES:
                     reason = error_reason(err)
                     raise FatalMinerError(
@@ -188,6 +193,19 @@ class MinerAgent:
             # Capped well under a lease: a coordinator that comes back finds
             # its miners again before their leases run out.
             backoff = min(backoff * 2, MAX_BACKOFF_SECS)
+
+    async def _authorization(self) -> grpc.aio.AioRpcError | None:
+        """The coordinator's refusal of this token, if it refuses it: a key
+        rotation with nothing signed is authorized first, then refused as
+        unsigned, changing nothing."""
+        try:
+            async with rpc_channel(self.config.coord_url, self.config.tls) as channel:
+                await coordinator_pb2_grpc.MinerGatewayServiceStub(channel).RotateKey(
+                    cpb.RotateKeyRequest(), metadata=auth_metadata(self.config.api_key), timeout=10
+                )
+        except grpc.aio.AioRpcError as err:
+            return err if err.code() in FATAL_CODES and error_reason(err) != "BAD_SIGNATURE" else None
+        return None
 
     async def _session(self, stop: asyncio.Event) -> None:
         out: asyncio.Queue[cpb.ConnectRequest | None] = asyncio.Queue()

@@ -73,7 +73,7 @@ def test_doctor_passes_on_a_cpu_host_with_a_live_coordinator(network: Network, t
     network.start_coordinator()
     miner = network.ids["miner"]
     out = doctor("--coord-url", network.coord_target, "--state-dir", str(tmp_path / "s"), "--allow-tmp-state", "true",
-                 "--miner-id", "miner-1", "--wallet-addr", miner.address,
+                 "--miner-id", "miner-1", "--wallet-addr", miner.address, "--admin-port", "0",
                  env={"AITBC_MINER_API_KEY": miner.token})  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     assert "WARN no GPU through NVML: jobs will run on the CPU" in out.stdout
