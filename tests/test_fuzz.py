@@ -32,7 +32,7 @@ METHODS: list[tuple[str, MethodDescriptor]] = [
     ("wallet", m) for m in wallet_pb2.DESCRIPTOR.services_by_name["WalletService"].methods
 ] + [
     ("coordinator", m)
-    for name in ("CoordinatorService", "MinerGatewayService")
+    for name in ("CoordinatorService", "MinerGatewayService", "CoordinatorAdminService")
     for m in coordinator_pb2.DESCRIPTOR.services_by_name[name].methods
 ]
 INTS = st.one_of(st.integers(-3, 3), st.integers(-(2**63), 2**63 - 1))
