@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import multiprocessing
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator, Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -65,7 +67,21 @@ def run_job(spec_bytes: bytes, device: str, out_path: str, models: dict[str, str
     raise RuntimeError(f"this miner cannot run {workload.name}")
 
 
-def _worker_main(conn: Connection, env: dict[str, str], target: Callable[..., Any]) -> None:
+def _die_with(parent: int) -> None:
+    """A worker must not outlive its sidecar (SIGKILL, the OOM killer): it
+    would hold its GPU and memory with nobody to report to. Linux kills us
+    when the thread that spawned us ends, which is the sidecar's event loop
+    thread; a parent already gone before prctl took effect is caught by the
+    pid check."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _worker_main(conn: Connection, env: dict[str, str], target: Callable[..., Any], parent: int) -> None:
+    _die_with(parent)
     _worker_progress.connection = conn
     os.environ.update(env)
     # Models load from local folders only: never reach for the Hub.
@@ -127,7 +143,10 @@ class Slot:
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
         self._proc = ctx.Process(
-            target=_worker_main, args=(child, self._env, self._target), name=f"aitbc-slot-{self.index}", daemon=True
+            target=_worker_main,
+            args=(child, self._env, self._target, os.getpid()),
+            name=f"aitbc-slot-{self.index}",
+            daemon=True,
         )
         self._proc.start()
         child.close()

@@ -120,3 +120,53 @@ async def test_a_model_stays_loaded_between_jobs_of_its_kind(tmp_path: Path, tin
         assert loads == [1, 1, 1, 2]  # loaded once for three jobs; the other kind loads its own
     finally:
         slot.stop()
+
+
+# A sidecar whose worker is busy with a job (an idle worker would notice its
+# pipe close and exit on its own).
+ORPHAN = """
+import asyncio
+from miner_svc._worker import Slot
+from tests import slot_targets as t
+
+async def main():
+    slot = Slot(0, {}, target=t.sleep)
+    slot.start()
+    print(slot.pid, flush=True)
+    await slot.run(600, max_runtime=900)
+
+asyncio.run(main())
+"""
+
+
+def test_a_killed_sidecar_leaves_no_worker_behind() -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    parent = subprocess.Popen([sys.executable, "-c", ORPHAN], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        worker = int(parent.stdout.readline())
+        time.sleep(1)  # the job is under way
+        os.kill(worker, 0)  # alive while its sidecar is
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                return
+            # A zombie is gone in all but name: reaped by init shortly.
+            stat = Path(f"/proc/{worker}/stat")
+            if stat.exists() and stat.read_text().split(") ")[1].startswith("Z"):
+                return
+            time.sleep(0.05)
+        pytest.fail(f"worker {worker} outlived its SIGKILLed sidecar")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
