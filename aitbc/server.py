@@ -5,6 +5,7 @@ supervisors and tests."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
@@ -34,6 +35,10 @@ from aitbc.tls import SERVER_TLS_OPTIONS, TlsConfig, check_plaintext
 log = structlog.get_logger()
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024 + 64 * 1024
+# A refused client stream waits this long for the caller's first message
+# (see _Gate.before_refusing), and at most this many wait at once.
+REFUSAL_WAIT_SECS = 1.0
+MAX_WAITING_REFUSALS = 256
 
 
 def rich_status(err: AitbcError) -> grpc.Status:
@@ -132,6 +137,7 @@ class _Gate:
         self._limits = limits or Limits()
         self._buckets: dict[str, _Bucket] = {}
         self.streams: dict[str, int] = {}
+        self._refusing = 0
 
     def admit(self, p: Principal) -> None:
         rate = self._limits.rate_per_sec.get(p.role, 0.0)
@@ -166,6 +172,24 @@ class _Gate:
             self.streams[key] = left
         else:
             self.streams.pop(key, None)
+
+    async def before_refusing(self, requests: AsyncIterator[Any]) -> None:
+        """Wait, briefly, for the first message of a client stream the gate
+        refuses. A status sent while the caller's first write is still in
+        flight makes grpc's client fail that write and report INTERNAL
+        ("Internal error from Core") in place of the status we sent: measured
+        with a bare handler that only aborts, 1 call in 4 from another
+        process. Once its first message is here, its write is done. Bounded
+        in time and in how many refusals wait at once: beyond that, refuse
+        at once and let a flood's clients read INTERNAL."""
+        if self._refusing >= MAX_WAITING_REFUSALS:
+            return
+        self._refusing += 1
+        try:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(anext(aiter(requests)), REFUSAL_WAIT_SECS)
+        finally:
+            self._refusing -= 1
 
     def authorize(self, method: str, metadata: Any) -> Principal | None:
         service = method.split("/")[1] if method.count("/") >= 2 else ""
@@ -290,10 +314,12 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
             async def streaming(arg: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 held = ""
                 failure: BaseException | None = None
+                admitted = False
                 try:
                     who = enter(context)
                     if who is not None:
                         held = gate.open_stream(who)
+                    admitted = True
                     arg = _well_formed_stream(arg, method) if handler.stream_stream else _well_formed(arg, method)
                     async for item in inner_stream(arg, context):
                         yield item
@@ -302,6 +328,8 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 except Exception as exc:
                     failure = exc
+                    if handler.stream_stream and not admitted:
+                        await gate.before_refusing(arg)
                     await on_error(context, exc)
                 finally:
                     if held:
