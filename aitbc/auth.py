@@ -46,7 +46,8 @@ class Principal:
     role: str
     # Wallet address the principal pays from (client) or is paid to (miner).
     address: str = ""
-    # For miners: the only miner id this token may speak for.
+    # For miners: the one miner id this token speaks for. A miner token
+    # that names none is refused at Connect and RotateKey (fail closed).
     miner_id: str = ""
     # Epoch seconds after which the token is refused; 0: never.
     expires: float = 0.0
@@ -135,10 +136,18 @@ _FIELDS = {f.name for f in fields(Principal)}
 def read_principals(path: Path) -> dict[str, Principal]:
     data = json.loads(path.read_text())
     entries: dict[str, Principal] = {}
+    # A miner id belongs to one name: tokens of two names for one id would
+    # let either register its key and lock the other out.
+    owners: dict[str, str] = {}
     for item in data.get("principals", []):
         if item["role"] not in ROLE_NAMES:
             raise ValueError(f"{path}: unknown role {item['role']!r}")
-        entries[item["token_sha256"]] = Principal(**{k: v for k, v in item.items() if k in _FIELDS})
+        p = Principal(**{k: v for k, v in item.items() if k in _FIELDS})
+        if not isinstance(p.miner_id, str):
+            raise ValueError(f"{path}: {p.name}'s miner_id must be one miner id, a string")
+        if p.miner_id and owners.setdefault(p.miner_id, p.name) != p.name:
+            raise ValueError(f"{path}: miner id {p.miner_id!r} is claimed by {owners[p.miner_id]!r} and {p.name!r}")
+        entries[item["token_sha256"]] = p
     return entries
 
 

@@ -78,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.role == "miner" and not args.miner_id:
         print("a miner token needs --miner-id", file=sys.stderr)
         return 2
+    owner = next((p.name for p in entries.values() if args.miner_id and p.miner_id == args.miner_id), args.name)
+    if owner != args.name:
+        print(f"miner id {args.miner_id!r} belongs to {owner!r}: one name per miner id", file=sys.stderr)
+        return 2
     token = new_token()
     expires = time.time() + args.expires_in if args.expires_in else 0.0
     entries[hash_token(token)] = Principal(args.name, args.role, args.address, args.miner_id, expires)

@@ -200,10 +200,11 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
         self, request: cpb.RotateKeyRequest, context: grpc.aio.ServicerContext
     ) -> cpb.RotateKeyResponse:
         caller = principal()
+        _check_names_miner(caller.miner_id)
         body = open_signed(request.rotation, crypto.KEY_ROTATION_DOMAIN, None, signing_pb2.KeyRotationBody)
         if body.network_id != self._core.settings.network_id:
             raise FailedPrecondition("the rotation names another network", reason="WRONG_NETWORK")
-        if not body.miner_id or (caller.miner_id and body.miner_id != caller.miner_id):
+        if body.miner_id != caller.miner_id:
             raise PermissionDenied("this token does not speak for that miner", reason="MINER_ID_MISMATCH")
         new_key = crypto.check_public_key(body.new_public_key, field="rotation.new_public_key")
         if not crypto.verify(crypto.KEY_ROTATION_DOMAIN, request.rotation.body, request.new_key_signature, new_key):
@@ -221,9 +222,10 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
         return cpb.RotateKeyResponse(public_key=new_key)
 
     async def _register(self, token_miner_id: str, token_address: str, hello: cpb.MinerHello) -> MinerSession:
+        _check_names_miner(token_miner_id)
         if not hello.miner_id or len(hello.miner_id) > 128:
             raise InvalidArgument("hello.miner_id is required (at most 128 characters)", field="hello.miner_id")
-        if token_miner_id and hello.miner_id != token_miner_id:
+        if hello.miner_id != token_miner_id:
             raise PermissionDenied(
                 f"this token speaks for miner {token_miner_id!r}, not {hello.miner_id!r}", reason="MINER_ID_MISMATCH"
             )
@@ -293,6 +295,17 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
             pass
         except Exception:
             log.exception("miner_stream_error")
+
+
+def _check_names_miner(token_miner_id: str) -> None:
+    """A miner token speaks for exactly the one miner id it names. One that
+    names none is refused rather than trusted with any: it let one token
+    register every id it liked, and lock each one's owner out with its key."""
+    if not token_miner_id:
+        raise PermissionDenied(
+            "this miner token names no miner id: ask the operator for one issued with --miner-id",
+            reason="NO_MINER_ID",
+        )
 
 
 class CoordinatorAdminServicer(coordinator_pb2_grpc.CoordinatorAdminServiceServicer):

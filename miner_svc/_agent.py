@@ -53,6 +53,8 @@ FIXES = {
     "MISSING_TOKEN": "set API_KEY to the miner token the network issued you",
     "ROLE_NOT_ALLOWED": "API_KEY is not a miner token: ask the operator for one issued with --role miner",
     "MINER_ID_MISMATCH": "the token belongs to another MINER_ID: set MINER_ID to the one it was issued for",
+    "NO_MINER_ID": "the token names no miner id: ask the operator for a miner token issued with --miner-id",
+    "TOKEN_REVOKED": "the operator revoked this token while it was connected: ask for a new one (API_KEY)",
     "KEY_MISMATCH": "the coordinator holds another key for this MINER_ID: restore STATE_DIR/miner.key from your "
     "backup, or send `aitbc-miner show-key`'s output to the operator to re-key this miner (README, Lost miner key)",
     "MINER_BANNED": "the network banned this miner for refused results: talk to its operator",

@@ -8,15 +8,26 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
+import secrets
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 
+from aitbc import crypto
+from aitbc.auth import TokenTable
+from aitbc.crypto import KeyPair
 from aitbc.rpc import error_reason
+from aitbc.signed import seal
+from aitbc.timeutil import ts_now
 from aitbc.v1 import coordinator_pb2 as cpb
-from aitbc.v1 import coordinator_pb2_grpc
-from tests.conftest import Network
+from aitbc.v1 import coordinator_pb2_grpc, signing_pb2
+from tests.conftest import ROOT, Network, eventually, md
+from tests.test_e2e import Clients, matmul_spec
+from tests.test_rekey import Stream
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -52,3 +63,140 @@ async def test_connect_refused_at_the_gate_is_never_internal(network: Network) -
         ("UNAUTHENTICATED", "MISSING_TOKEN"): 200,
         ("PERMISSION_DENIED", "ROLE_NOT_ALLOWED"): 200,
     }, seen
+
+
+def key_of(net: Network, who: str) -> KeyPair:
+    key = net.ids[who].key
+    assert key is not None
+    return key
+
+
+def write_tokens(net: Network) -> None:
+    """The principals file the services follow, from net.ids."""
+    TokenTable.dump(net.root / "principals.json", [(i.token, i.principal) for i in net.ids.values()])
+
+
+def books_are_clean(net: Network) -> None:
+    """Every service stopped, the wallet's journal recomputed: balanced."""
+    net.stop_all()
+    check = subprocess.run(
+        [sys.executable, "-m", "wallet_svc", "check", "--db", str(net.root / "wallet.sqlite"),
+         "--treasury-address", net.treasury],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert check.returncode == 0 and "clean" in check.stdout, check.stdout + check.stderr
+
+
+async def rotate_key(net: Network, who: str, miner_id: str) -> tuple[str, str]:
+    """RotateKey for `miner_id`, signed by `who`'s key: its refusal."""
+    old, new = key_of(net, who), KeyPair.generate()
+    body = signing_pb2.KeyRotationBody(
+        network_id="aitbc-devnet", miner_id=miner_id, new_public_key=new.public_key, create_time=ts_now(),
+        nonce=secrets.token_bytes(16),
+    )  # fmt: skip
+    signed = seal(body, crypto.KEY_ROTATION_DOMAIN, old)
+    request = cpb.RotateKeyRequest(rotation=signed, new_key_signature=new.sign(crypto.KEY_ROTATION_DOMAIN, signed.body))
+    async with grpc.aio.insecure_channel(net.coord_target) as ch:
+        try:
+            await coordinator_pb2_grpc.MinerGatewayServiceStub(ch).RotateKey(request, metadata=md(net.ids[who]),
+                                                                             timeout=10)  # fmt: skip
+        except grpc.aio.AioRpcError as err:
+            return err.code().name, error_reason(err)
+    return "OK", ""
+
+
+async def hello_as(net: Network, who: str, miner_id: str) -> tuple[grpc.StatusCode, str]:
+    """`who`'s token and key, saying hello as `miner_id`: how it ends."""
+    stream = Stream(net, who, key_of(net, who), net.coord_target)
+    stream.hello.miner_id = miner_id
+    async with stream as s:
+        return await s.status()
+
+
+async def run_honestly(net: Network, clients: Clients, who: str) -> cpb.Job:
+    """`who` connects with its own key and runs one job to the end."""
+    async with Stream(net, who, key_of(net, who), net.coord_target) as s:
+        await s.next("welcome")
+        job = await clients.submit(matmul_spec(n=16))
+        a = await s.next("assignment")
+        s.accept(a)
+        s.deliver(a)
+        assert (await s.next("ack")).verdict == cpb.VERDICT_ACCEPTED
+        return (await clients.watch(job.job_id))[-1]
+
+
+async def test_a_miner_token_that_names_no_miner_id_is_refused_and_squats_nothing(network: Network) -> None:
+    network.start_wallet()
+    network.start_coordinator()
+    clients = Clients(network)
+    try:
+        await clients.mint("client", 10**8)
+        before = await clients.balance(network.ids["client"].address)
+        # Written by hand or by an older tokens CLI: a miner token with no id.
+        network.add_identity("nameless", "miner")
+
+        async def refused() -> None:
+            got = await hello_as(network, "nameless", "miner-2")
+            assert got == (grpc.StatusCode.PERMISSION_DENIED, "NO_MINER_ID"), got
+
+        await eventually(refused, timeout=10)  # once the coordinator has reloaded the file
+        assert await hello_as(network, "nameless", "") == (grpc.StatusCode.PERMISSION_DENIED, "NO_MINER_ID")
+        assert await rotate_key(network, "nameless", "miner-2") == ("PERMISSION_DENIED", "NO_MINER_ID")
+
+        # miner-2's owner was not locked out: its own key registers and earns.
+        final = await run_honestly(network, clients, "miner2")
+        assert final.state == cpb.JOB_STATE_SETTLED and final.miner_id == "miner-2"
+        assert final.receipt.public_key == key_of(network, "miner2").public_key
+        assert await clients.balance(network.ids["miner2"].address) == (final.miner_amount, 0)
+        assert await clients.balance(network.ids["nameless"].address) == (0, 0)
+        assert await clients.balance(network.ids["client"].address) == (before[0] - final.price, 0)
+    finally:
+        await clients.close()
+    books_are_clean(network)
+
+
+async def test_a_miner_token_cannot_claim_another_miners_id(network: Network) -> None:
+    network.start_wallet()
+    network.start_coordinator()
+    clients = Clients(network)
+    try:
+        await clients.mint("client", 10**8)
+        before = await clients.balance(network.ids["client"].address)
+        # cheater-1's token, hello as miner-2: with its own key, and with
+        # miner-2's public key (it cannot sign with it, but may try).
+        assert await hello_as(network, "cheater", "miner-2") == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "MINER_ID_MISMATCH",
+        )
+        squat = Stream(network, "cheater", key_of(network, "miner2"), network.coord_target)
+        squat.hello.miner_id = "miner-2"
+        async with squat as s:
+            assert await s.status() == (grpc.StatusCode.PERMISSION_DENIED, "MINER_ID_MISMATCH")
+        assert await rotate_key(network, "cheater", "miner-2") == ("PERMISSION_DENIED", "MINER_ID_MISMATCH")
+
+        final = await run_honestly(network, clients, "miner2")
+        assert final.state == cpb.JOB_STATE_SETTLED and final.miner_id == "miner-2"
+        assert await clients.balance(network.ids["miner2"].address) == (final.miner_amount, 0)
+        assert await clients.balance(network.ids["cheater"].address) == (0, 0)
+        assert await clients.balance(network.ids["client"].address) == (before[0] - final.price, 0)
+
+        # The tokens CLI will not issue a second name a token for miner-2 ...
+        file = str(network.root / "principals.json")
+        out = subprocess.run(
+            [sys.executable, "-m", "aitbc.tokens", "issue", "--file", file, "--name", "thief", "--role", "miner",
+             "--miner-id", "miner-2"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 2 and "belongs to 'miner2'" in out.stderr, out.stderr
+        assert "thief" not in (network.root / "principals.json").read_text()
+        # ... and a file edited by hand to do it is not taken: the services
+        # keep the table they had, so the thief's token is unknown.
+        thief = network.add_identity("thief", "miner", miner_id="miner-2")
+        await asyncio.sleep(1.5)  # past a reload; nothing to wait for: nothing changes
+        assert await hello_as(network, "thief", "miner-2") == (grpc.StatusCode.UNAUTHENTICATED, "BAD_TOKEN")
+        lines = [json.loads(x) for x in network.log("coordinator").read_text().splitlines() if x.startswith("{")]
+        assert any(x["event"] == "tokens_file_unreadable" and "claimed by" in x["error"] for x in lines)
+        assert thief.token not in network.log("coordinator").read_text()
+    finally:
+        await clients.close()
+    books_are_clean(network)
