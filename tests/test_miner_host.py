@@ -36,6 +36,8 @@ from tests.test_coordinator import long_spec, running_on
 from tests.test_e2e import Clients, matmul_spec
 
 FIXTURES = Path(__file__).parent / "fixtures"
+# Kept, not replaced: on a GPU image the carried wheels are on it.
+PYTHONPATH = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 # Copied verbatim from the seed guide: section 3's /etc/aitbc/miner.conf, and
 # the one its installer writes.
 SEED_CONF = FIXTURES / "seed_miner.conf"
@@ -50,7 +52,7 @@ def sidecar(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
     return subprocess.run(
         [sys.executable, "-m", "miner_svc", *args],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        env={**os.environ, "PYTHONPATH": PYTHONPATH, **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -226,7 +228,7 @@ def test_help_lists_every_command_and_every_service_has_version() -> None:
     for argv in (["miner_svc"], ["miner_svc", "doctor"], ["miner_svc", "show-key"], ["coordinator_svc"],
                  ["wallet_svc"]):  # fmt: skip
         v = subprocess.run([sys.executable, "-m", *argv, "--version"], cwd=ROOT, capture_output=True, text=True,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)  # fmt: skip
+                           env={**os.environ, "PYTHONPATH": PYTHONPATH}, timeout=60)  # fmt: skip
         assert v.returncode == 0 and v.stdout.strip().endswith(f" {aitbc.__version__}"), (argv, v.stdout, v.stderr)
 
 
@@ -430,7 +432,7 @@ def test_doctor_proves_the_token_and_says_when_it_is_revoked(network: Network) -
     revoke = subprocess.run(
         [sys.executable, "-m", "aitbc.tokens", "revoke", "--file", str(network.root / "principals.json"),
          "--name", "miner"],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60,
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": PYTHONPATH}, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert revoke.returncode == 0, revoke.stderr
     time.sleep(1.5)  # the coordinator rereads the principals file every second
@@ -522,3 +524,49 @@ async def test_the_seed_config_connects_over_tls(network: Network, tmp_path: Pat
     assert f"OK   TLS, verified against {certs / 'ca.pem'}: https://localhost:{port}" in doc.stdout
     assert f"OK   the coordinator accepts API_KEY as a miner token for {socket.gethostname()}-gpu0" in doc.stdout
     assert "OK   the coordinator holds the key in" in doc.stdout
+
+
+# -- on a GPU host ------------------------------------------------------------
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs CUDA: a GPU host")
+def test_gpu_only_runs_on_a_gpu_host_and_doctor_sees_the_card(network: Network, tmp_path: Path) -> None:
+    from aitbc.v1 import coordinator_pb2_grpc, wallet_pb2, wallet_pb2_grpc
+    from tests.conftest import md
+
+    network.start_wallet()
+    network.start_coordinator()
+    ident = network.ids["miner"]
+    doc = sidecar("doctor", "--coord-url", network.coord_target, "--miner-id", "miner-1", "--accel-mode", "gpu-only",
+                  "--state-dir", str(network.root / "miner"), "--allow-tmp-state", "true", "--admin-port", "0",
+                  "--wallet-addr", ident.address, env={"AITBC_MINER_API_KEY": ident.token})  # fmt: skip
+    assert doc.returncode == 0, doc.stdout
+    gpu = inventory()[0]
+    assert f"OK   GPU 0: {gpu.name}" in doc.stdout and "OK   torch sees " in doc.stdout, doc.stdout
+    network.start_miner("miner", extra=("--accel-mode", "gpu-only"))
+    [starting] = log_events(network, "miner", "miner_starting")
+    assert '"device": "cuda"' in starting
+    with grpc.insecure_channel(network.wallet_target) as wch, grpc.insecure_channel(network.coord_target) as cch:
+        wallet_pb2_grpc.WalletServiceStub(wch).Mint(
+            wallet_pb2.MintRequest(address=network.ids["client"].address, amount=10**7, request_id="gpu-host"),
+            metadata=md(network.ids["admin"]), timeout=10,
+        )  # fmt: skip
+        coord = coordinator_pb2_grpc.CoordinatorServiceStub(cch)
+        spec = matmul_spec(n=1024, max_price=5_000_000)
+        job = coord.SubmitJob(cpb.SubmitJobRequest(spec=spec, request_id="gpu-host"),
+                              metadata=md(network.ids["client"]), timeout=10).job  # fmt: skip
+        final = list(coord.WatchJob(cpb.WatchJobRequest(job_id=job.job_id), metadata=md(network.ids["client"]),
+                                    timeout=120))[-1].job  # fmt: skip
+    assert final.state == cpb.JOB_STATE_SETTLED, final.status_detail
+    assert final.receipt.public_key == load_or_create_key(network.root / "miner" / "miner.key").public_key
+    assert not list((network.root / "miner" / "results").glob("*"))  # spooled, delivered, forgotten
+    assert network.stop("miner") == 0

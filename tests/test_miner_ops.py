@@ -21,11 +21,14 @@ from aitbc.timeutil import ts_now
 from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import coordinator_pb2_grpc, miner_pb2, miner_pb2_grpc, signing_pb2
 from miner_svc.__main__ import OPTIONS
+from miner_svc._gpu import inventory
 from miner_svc._state import under_temp
 from tests.test_coordinator import long_spec, running_on
 from tests.test_e2e import Clients, matmul_spec
 
 DEPLOY = ROOT / "deploy"
+# Kept, not replaced: on a GPU image the carried wheels are on it.
+PYTHONPATH = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
 def test_example_config_uses_only_declared_options() -> None:
@@ -61,7 +64,7 @@ def doctor(*flags: str, env: dict[str, str] | None = None) -> subprocess.Complet
     return subprocess.run(
         [sys.executable, "-m", "miner_svc", "doctor", *flags],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        env={**os.environ, "PYTHONPATH": PYTHONPATH, **(env or {})},
         capture_output=True,
         text=True,
         timeout=120,
@@ -76,7 +79,10 @@ def test_doctor_passes_on_a_cpu_host_with_a_live_coordinator(network: Network, t
                  "--miner-id", "miner-1", "--wallet-addr", miner.address, "--admin-port", "0",
                  env={"AITBC_MINER_API_KEY": miner.token})  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "WARN no GPU through NVML: jobs will run on the CPU" in out.stdout
+    if inventory():
+        assert "OK   GPU 0: " in out.stdout and "OK   torch sees " in out.stdout
+    else:
+        assert "WARN no GPU through NVML: jobs will run on the CPU" in out.stdout
     assert f"OK   coordinator {network.coord_target} serves miners" in out.stdout
     assert "OK   the coordinator accepts API_KEY as a miner token for miner-1" in out.stdout
     assert out.stdout.strip().endswith("all checks passed")
@@ -98,7 +104,7 @@ def test_doctor_says_what_to_fix(tmp_path: Path) -> None:
         "fix: expected ait_ followed by 39 lowercase letters and digits",
         f"FAIL STATE_DIR {state} is under {under_temp(state)}",
         f"fix: chmod 600 {key}",
-        "FAIL ACCEL_MODE=gpu-only but NVML sees no GPU",
+        *([] if inventory() else ["FAIL ACCEL_MODE=gpu-only but NVML sees no GPU"]),
         f"FAIL MODELS entry 'llm_gen:big={state}/nowhere': {state}/nowhere is not a model folder",
         "FAIL TLS: /no/ca.pem does not exist",
     ):
@@ -143,7 +149,7 @@ def doctor_like(*args: str, token: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "miner_svc", *args],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "AITBC_MINER_API_KEY": token},
+        env={**os.environ, "PYTHONPATH": PYTHONPATH, "AITBC_MINER_API_KEY": token},
         capture_output=True,
         text=True,
         timeout=60,
