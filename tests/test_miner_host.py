@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -512,6 +513,13 @@ async def test_the_seed_config_connects_over_tls(network: Network, tmp_path: Pat
     assert len(log_events(network, "seed", "job_poll_secs_unused")) == 1
     [payout] = log_events(network, "seed", "payouts_to_miner_key")
     assert '"level": "warning"' in payout and str(tmp_path / "state" / "miner.key") in payout
+    # Its hello carried its release: the coordinator counts it.
+    from coordinator_svc._metrics import version_label
+
+    metrics_port = int((network.root / "run" / "coordinator.port.metrics").read_text())
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
+        scraped = resp.read().decode()
+    assert f'aitbc_miner_sidecar_versions{{version="{version_label(aitbc.__version__)}"}} 1.0' in scraped
     # Plaintext to the TLS port gets nowhere: the link really is TLS.
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         with pytest.raises(grpc.aio.AioRpcError):
