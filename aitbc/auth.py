@@ -105,8 +105,16 @@ class TokenTable:
         self._maybe_reload()
         return self._by_hash.get(hash_token(token))
 
-    def _maybe_reload(self) -> None:
-        if self._path is None or time.monotonic() - self._checked < self.RELOAD_SECS:
+    def lookup_hash(self, token_sha256: str, *, fresh: bool = False) -> Principal | None:
+        """The principal of a token by its hash, for a caller that keeps
+        checking a token it admitted earlier (an open stream). `fresh` looks
+        at the file now rather than within RELOAD_SECS: one stat, for the
+        moments a revocation must not be missed (a result about to be paid)."""
+        self._maybe_reload(force=fresh)
+        return self._by_hash.get(token_sha256)
+
+    def _maybe_reload(self, *, force: bool = False) -> None:
+        if self._path is None or (not force and time.monotonic() - self._checked < self.RELOAD_SECS):
             return
         with self._lock:
             self._checked = time.monotonic()

@@ -146,6 +146,9 @@ class MinerSession:
     version: str = "unknown"
     # Why the coordinator ends this stream, told to the miner as its status.
     closed_by: AitbcError | None = None
+    # Why the token that opened the stream no longer speaks for it (revoked,
+    # expired), or None while it does; True looks at the tokens file now.
+    token_check: Callable[[bool], AitbcError | None] | None = None
 
     @property
     def accepts_work(self) -> bool:
@@ -760,6 +763,33 @@ class Coordinator:
         )
         session.outbox.put_nowait(None)
 
+    def _token_refusal(self, session: MinerSession, *, fresh: bool = False) -> AitbcError | None:
+        return session.token_check(fresh) if session.token_check is not None else None
+
+    def _close_for_token(self, session: MinerSession, why: AitbcError) -> None:
+        """End the stream of a revoked or expired token. Its leases are
+        cancelled now, so an honest sidecar stops the work, and requeued as
+        the stream ends (miner_left)."""
+        if session.closed_by is not None:
+            return
+        audit("miner_stream_closed_token", miner_id=session.miner_id, reason=why.reason)
+        session.draining = True
+        session.closed_by = why
+        for lease_id in list(session.leases):
+            session.outbox.put_nowait(
+                cpb.ConnectResponse(cancel=cpb.CancelAssignment(lease_id=lease_id, reason=why.message))
+            )
+        session.outbox.put_nowait(None)
+
+    def _sweep_tokens(self) -> None:
+        """Close the streams whose token was revoked or expired since they
+        opened: the gate only sees a stream's token when it opens. Each
+        replica sweeps its own streams from the same tokens file."""
+        for session in list(self.sessions.values()):
+            why = self._token_refusal(session)
+            if why is not None:
+                self._close_for_token(session, why)
+
     async def reset_miner_key(self, caller: Principal, miner_id: str, new_key: bytes, reason: str,
                               request_id: str) -> st.KeyReset:  # fmt: skip
         reset = await self.db(self.store.reset_miner_key, miner_id, new_key, request_id, caller.name, reason)
@@ -855,6 +885,14 @@ class Coordinator:
         job_id = self._lease_of(session, lease_id)
         if job_id is None:
             await self._ack(session, lease_id, "VERDICT_UNSPECIFIED", "stale or unknown lease: result refused")
+            return
+        # A result that races its token's revocation is not paid: the sweep
+        # may not have closed the stream yet, so look at the tokens file now
+        # (one stat). The lease stays on the session: closing requeues it.
+        why = self._token_refusal(session, fresh=True)
+        if why is not None:
+            await self._ack(session, lease_id, "VERDICT_UNSPECIFIED", f"{why.message}; result refused")
+            self._close_for_token(session, why)
             return
         # The store, not the session, says which key signs for the miner: a
         # reset on another replica may not have reached us yet. The lease
@@ -1106,6 +1144,7 @@ class Coordinator:
         while True:
             await asyncio.sleep(min(1.0, self.settings.lease_secs / 4))
             try:
+                self._sweep_tokens()
                 await self._sweep_holding()
                 expirable = [st.QUEUED, *st.LEASED]
                 for rec in await self.db(self.store.expired, time.time(), expirable):

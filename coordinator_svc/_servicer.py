@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import structlog
@@ -12,7 +12,8 @@ import structlog
 from aitbc import crypto
 from aitbc.addresses import check_address
 from aitbc.audit import audit
-from aitbc.errors import AitbcError, FailedPrecondition, InvalidArgument, PermissionDenied
+from aitbc.auth import Principal, TokenTable, bearer_token, hash_token
+from aitbc.errors import AitbcError, FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
 from aitbc.server import principal
 from aitbc.signed import open_signed
 from aitbc.timeutil import duration, ts_from_iso
@@ -141,8 +142,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
 
 class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
-    def __init__(self, core: Coordinator) -> None:
+    def __init__(self, core: Coordinator, tokens: TokenTable | None = None) -> None:
         self._core = core
+        # The gate's table: an open stream's token is checked against it
+        # for as long as the stream lasts, not only when it opens.
+        self._tokens = tokens
         self._cleanup: set[asyncio.Task[None]] = set()
 
     async def Connect(
@@ -156,6 +160,9 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
         if first.WhichOneof("msg") != "hello":
             raise FailedPrecondition("the stream must open with a hello", reason="HELLO_REQUIRED")
         session = await self._register(caller.miner_id, caller.address, first.hello)
+        token = bearer_token(context.invocation_metadata())
+        if self._tokens is not None and token is not None:
+            session.token_check = _token_check(self._tokens, hash_token(token), caller)
         structlog.contextvars.bind_contextvars(miner_id=session.miner_id)
         reader: asyncio.Task[None] | None = None
         reason = "stream closed by miner"
@@ -295,6 +302,25 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
             pass
         except Exception:
             log.exception("miner_stream_error")
+
+
+def _token_check(tokens: TokenTable, token_sha256: str, admitted: Principal) -> Callable[[bool], AitbcError | None]:
+    """Why a stream admitted under this token may no longer speak, if it may
+    not: the token was revoked (or now names someone else) or expired."""
+
+    def check(fresh: bool) -> AitbcError | None:
+        now = tokens.lookup_hash(token_sha256, fresh=fresh)
+        if now is None or (now.role, now.miner_id) != (admitted.role, admitted.miner_id):
+            return Unauthenticated(
+                f"the token of {admitted.name!r} was revoked: this stream is closed", reason="TOKEN_REVOKED"
+            )
+        if now.expired:
+            return Unauthenticated(
+                f"the token of {admitted.name!r} has expired: this stream is closed", reason="TOKEN_EXPIRED"
+            )
+        return None
+
+    return check
 
 
 def _check_names_miner(token_miner_id: str) -> None:

@@ -57,7 +57,7 @@ class CoordinatorDeps:
 
 def build_server(config: dict, deps: CoordinatorDeps) -> tuple[Service, int]:
     client = CoordinatorServicer(deps.core)
-    gateway = MinerGatewayServicer(deps.core)
+    gateway = MinerGatewayServicer(deps.core, deps.tokens)
     admin = CoordinatorAdminServicer(deps.core)
     tls, limits = server_settings(config)
     service = Service(

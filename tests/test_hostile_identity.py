@@ -12,22 +12,24 @@ import json
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
 
 from aitbc import crypto
-from aitbc.auth import TokenTable
+from aitbc.auth import Principal, TokenTable, new_token
 from aitbc.crypto import KeyPair
 from aitbc.rpc import error_reason
 from aitbc.signed import seal
 from aitbc.timeutil import ts_now
 from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import coordinator_pb2_grpc, signing_pb2
-from tests.conftest import ROOT, Network, eventually, md
+from tests.conftest import ROOT, Identity, Network, eventually, md
 from tests.test_e2e import Clients, matmul_spec
-from tests.test_rekey import Stream
+from tests.test_rekey import Stream, get_job
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -197,6 +199,168 @@ async def test_a_miner_token_cannot_claim_another_miners_id(network: Network) ->
         lines = [json.loads(x) for x in network.log("coordinator").read_text().splitlines() if x.startswith("{")]
         assert any(x["event"] == "tokens_file_unreadable" and "claimed by" in x["error"] for x in lines)
         assert thief.token not in network.log("coordinator").read_text()
+    finally:
+        await clients.close()
+    books_are_clean(network)
+
+
+def revoke(net: Network, who: str) -> None:
+    """What `python -m aitbc.tokens revoke` does: the name's token is gone."""
+    del net.ids[who]
+    write_tokens(net)
+
+
+def expiring_miner(net: Network, name: str, miner_id: str, seconds: float) -> Identity:
+    key = KeyPair.generate()
+    from aitbc.addresses import address_of
+
+    principal = Principal(name, "miner", address=address_of(key.public_key), miner_id=miner_id,
+                          expires=time.time() + seconds)  # fmt: skip
+    ident = net.ids[name] = Identity(new_token(), principal, key)
+    write_tokens(net)
+    return ident
+
+
+async def requeued_then_paid_elsewhere(
+    net: Network, clients: Clients, job_id: str, lost: str, lost_address: str, before: tuple[int, int],
+    target: str = "",
+) -> None:  # fmt: skip
+    """The job taken from `lost` settles once, on miner-2 (connected to
+    `target`), and only miner-2 is paid; the client pays its price once."""
+
+    async def requeued() -> None:
+        j = await get_job(clients, job_id)
+        assert j.state == cpb.JOB_STATE_QUEUED, j
+
+    await eventually(requeued, timeout=15)
+    async with Stream(net, "miner2", key_of(net, "miner2"), target or net.coord_target) as honest:
+        await honest.next("welcome")
+        a = await honest.next("assignment")
+        assert a.job_id == job_id
+        honest.accept(a)
+        honest.deliver(a)
+        assert (await honest.next("ack")).verdict == cpb.VERDICT_ACCEPTED
+        final = (await clients.watch(job_id))[-1]
+    assert final.state == cpb.JOB_STATE_SETTLED and (final.miner_id, final.attempts) == ("miner-2", 2), final
+    assert [r.miner_id for r in final.runs] == ["miner-2"]
+    assert await clients.balance(net.ids["miner2"].address) == (final.miner_amount, 0)
+    assert await clients.balance(lost_address) == (0, 0), f"{lost} was paid"
+    assert await clients.balance(net.ids["client"].address) == (before[0] - final.price, 0)
+
+
+async def test_a_revoked_tokens_open_stream_is_closed_and_its_job_paid_elsewhere(network: Network) -> None:
+    network.start_wallet()
+    network.start_coordinator()
+    clients = Clients(network)
+    address = network.ids["miner3"].address
+    try:
+        await clients.mint("client", 10**8)
+        before = await clients.balance(network.ids["client"].address)
+        async with Stream(network, "miner3", key_of(network, "miner3"), network.coord_target) as revoked:
+            await revoked.next("welcome")
+            job = await clients.submit(matmul_spec(n=16))
+            a = await revoked.next("assignment")
+            revoked.accept(a)
+            revoke(network, "miner3")
+            # Closed within a few seconds, told to drop the lease first.
+            cancel = await revoked.next("cancel", timeout=10)
+            assert cancel.lease_id == a.lease_id and "revoked" in cancel.reason
+            assert await revoked.status(timeout=5) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_REVOKED")
+        await requeued_then_paid_elsewhere(network, clients, job.job_id, "miner3", address, before)
+        # Its token opens nothing now, on a new stream either.
+        network.ids["miner3"] = Identity(revoked.ident.token, revoked.ident.principal, revoked.ident.key)
+        assert await hello_as(network, "miner3", "miner-3") == (grpc.StatusCode.UNAUTHENTICATED, "BAD_TOKEN")
+    finally:
+        await clients.close()
+    lines = [json.loads(x) for x in network.log("coordinator").read_text().splitlines() if x.startswith("{")]
+    closed = [x for x in lines if x.get("event") == "miner_stream_closed_token"]
+    assert [(x["miner_id"], x["reason"]) for x in closed] == [("miner-3", "TOKEN_REVOKED")]
+    books_are_clean(network)
+
+
+async def test_a_result_racing_its_tokens_revocation_is_not_paid(network: Network) -> None:
+    network.start_wallet()
+    network.start_coordinator()
+    clients = Clients(network)
+    address = network.ids["miner3"].address
+    try:
+        await clients.mint("client", 10**8)
+        before = await clients.balance(network.ids["client"].address)
+        async with Stream(network, "miner3", key_of(network, "miner3"), network.coord_target) as revoked:
+            await revoked.next("welcome")
+            job = await clients.submit(matmul_spec(n=16))
+            a = await revoked.next("assignment")
+            revoked.accept(a)
+            # The right output, sent the moment the token is revoked: before
+            # the coordinator's next look at the tokens file, most times.
+            revoke(network, "miner3")
+            revoked.deliver(a)
+            ack = await revoked.next("ack", timeout=10)
+            assert ack.verdict != cpb.VERDICT_ACCEPTED and ack.miner_amount == 0, ack
+            assert await revoked.status(timeout=10) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_REVOKED")
+        await requeued_then_paid_elsewhere(network, clients, job.job_id, "miner3", address, before)
+    finally:
+        await clients.close()
+    books_are_clean(network)
+
+
+async def test_an_expired_tokens_open_stream_is_closed_and_its_job_paid_elsewhere(network: Network) -> None:
+    network.start_wallet()
+    network.start_coordinator()
+    clients = Clients(network)
+    ident = expiring_miner(network, "shortlived", "miner-9", seconds=6)
+    try:
+        await clients.mint("client", 10**8)
+        before = await clients.balance(network.ids["client"].address)
+
+        async def welcomed() -> Stream:
+            s = Stream(network, "shortlived", key_of(network, "shortlived"), network.coord_target)
+            await s.__aenter__()
+            try:
+                await s.next("welcome", timeout=2)
+            except TimeoutError:
+                await s.__aexit__()
+                raise AssertionError("not welcomed yet") from None
+            return s
+
+        expiring = await eventually(welcomed, timeout=5)  # once the file is reloaded
+        try:
+            job = await clients.submit(matmul_spec(n=16))
+            a = await expiring.next("assignment")
+            expiring.accept(a)
+            assert not expiring.ended.done()  # still valid: kept
+            cancel = await expiring.next("cancel", timeout=20)
+            assert cancel.lease_id == a.lease_id and "expired" in cancel.reason
+            assert time.time() >= ident.principal.expires
+            assert await expiring.status(timeout=5) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_EXPIRED")
+        finally:
+            await expiring.__aexit__()
+        await requeued_then_paid_elsewhere(network, clients, job.job_id, "shortlived", ident.address, before)
+    finally:
+        await clients.close()
+    books_are_clean(network)
+
+
+async def test_a_revocation_closes_the_stream_on_another_replica(network: Network, pg_server: Any) -> None:
+    """Each replica follows the same tokens file and closes its own streams."""
+    dsn = pg_server.new_database()
+    network.start_wallet()
+    network.start_coordinator(coord_db=dsn)
+    network.start_coordinator(coord_db=dsn, name="coordinator2")
+    clients = Clients(network)
+    address = network.ids["miner3"].address
+    try:
+        await clients.mint("client", 10**8)
+        before = await clients.balance(network.ids["client"].address)
+        two = network.target("coordinator2")
+        async with Stream(network, "miner3", key_of(network, "miner3"), two) as revoked:
+            await revoked.next("welcome")
+            job = await clients.submit(matmul_spec(n=16))  # on the first replica
+            revoked.accept(await revoked.next("assignment"))
+            revoke(network, "miner3")
+            assert await revoked.status(timeout=10) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_REVOKED")
+        await requeued_then_paid_elsewhere(network, clients, job.job_id, "miner3", address, before,
+                                           target=network.coord_target)  # fmt: skip
     finally:
         await clients.close()
     books_are_clean(network)
