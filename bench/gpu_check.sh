@@ -70,7 +70,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
     --format=csv
 
 echo "== pytest -m gpu"
-$PY -m pytest -m gpu -p no:cacheprovider -q -rs -s tests/test_gpu_device.py \
+$PY -m pytest -m gpu -p no:cacheprovider -q -rs -s tests/test_gpu_device.py tests/test_miner_host.py \
     ${OUT_DIR:+--junitxml "$OUT_DIR/gpu-tests.xml"} || failed+=("pytest -m gpu")
 
 echo "== end to end"
