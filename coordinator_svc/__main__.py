@@ -48,6 +48,8 @@ async def serve(conf: dict) -> int:
         max_attempts=conf["MAX_ATTEMPTS"],
         fee_bps=conf["FEE_BPS"],
         ban_after=conf["BAN_AFTER"],
+        run_bound_factor=conf["RUN_BOUND_FACTOR"],
+        run_bound_floor_secs=conf["RUN_BOUND_FLOOR_SECS"],
         max_result_bytes=conf["MAX_RESULT_BYTES"],
         prices=prices,
     )

@@ -46,6 +46,10 @@ from coordinator_svc._wallet import WalletClient, WalletError
 log = structlog.get_logger()
 T = TypeVar("T")
 HOLD_SWEEP_SECS = 10.0
+# How often the bounds of ended leases are swept from the store.
+BOUNDS_SWEEP_SECS = 60.0
+# A slow link for a run-time bound: a result's upload at a megabyte a second.
+UPLOAD_BYTES_PER_SEC = 1e6
 # uait per run, and per unit: MFLOP (matmul), token (llm_gen), text (embed),
 # kilopixel-step (sd_infer).
 DEFAULT_PRICES = {"matmul": (1000, 1), "llm_gen": (1000, 10), "embed": (500, 100), "sd_infer": (2000, 1)}
@@ -101,6 +105,12 @@ class Settings:
     prices: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(DEFAULT_PRICES))
     # A miner whose results were refused this many times is banned.
     ban_after: int = 3
+    # A job's run-time bound on a miner: this many times the workload's
+    # estimate for a slow device of the miner's kind (CPU or GPU), and never
+    # under the floor. Past it without a result the job is taken back,
+    # however the miner heartbeats.
+    run_bound_factor: float = 3.0
+    run_bound_floor_secs: float = 300.0
     # Largest output a job may return: its upload lands on disk and its
     # check reads it whole, so this bounds both per job.
     max_result_bytes: int = 64 * 2**20
@@ -127,6 +137,8 @@ class MinerSession:
     models: frozenset[str] = frozenset()
     # Assignments it queues beyond its slots, preparing them meanwhile.
     prefetch: int = 0
+    # lease id -> when its run-time bound passes (epoch seconds).
+    run_deadlines: dict[str, float] = field(default_factory=dict)
     session_id: str = field(default_factory=lambda: "sess_" + secrets.token_hex(8))
     outbox: asyncio.Queue[cpb.ConnectResponse | None] = field(default_factory=asyncio.Queue)
     # lease id -> (job id, output size limit)
@@ -242,6 +254,7 @@ class Coordinator:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._last_hold_sweep = time.monotonic()
+        self._last_bounds_sweep = time.monotonic()
         self._inflight: set[asyncio.Task[None]] = set()
         # job id -> (fraction, message) of running jobs whose miner is here.
         self.progress_of: dict[str, tuple[float, str]] = {}
@@ -620,6 +633,7 @@ class Coordinator:
     async def _assign(self, session: MinerSession, rec: JobRecord) -> None:
         workload, params = workload_of(cpb.JobSpec.FromString(rec.spec))
         lease_id = "lease_" + secrets.token_hex(8)
+        run_deadline = self._run_deadline(session, lease_id, workload, params)
         session.leases[lease_id] = (rec.job_id, workload.max_output_size(params))
         deadline = time.time() + self.settings.lease_secs
         assigned = await self.db(
@@ -632,6 +646,7 @@ class Coordinator:
             lease_deadline=deadline,
             attempts=rec.attempts + 1,
             status_detail="",
+            run_deadline=run_deadline,
         )
         if assigned is None or self.sessions.get(session.miner_id) is not session:
             session.leases.pop(lease_id, None)
@@ -652,6 +667,46 @@ class Coordinator:
                 )
             )
         )
+
+    def run_bound(self, workload: Any, params: Any, gpu: bool) -> float:
+        """Seconds a run of the job may take on a CPU or GPU miner before the
+        job is taken back: a multiple of the workload's estimate for a slow
+        device plus its upload on a slow link, never under the floor."""
+        estimate = workload.run_seconds(params, gpu) + workload.max_output_size(params) / UPLOAD_BYTES_PER_SEC
+        return max(self.settings.run_bound_floor_secs, self.settings.run_bound_factor * estimate)
+
+    def _run_deadline(self, session: MinerSession, lease_id: str, workload: Any, params: Any) -> float:
+        now = time.time()
+        for held in [x for x in session.run_deadlines if x not in session.leases]:
+            del session.run_deadlines[held]
+        # Taken beyond its idle slots (prefetch), the job starts only when
+        # those ahead of it end: it may wait as long as they may run.
+        ahead = 0.0 if session.idle else sum(max(0.0, d - now) for d in session.run_deadlines.values())
+        deadline = session.run_deadlines[lease_id] = now + ahead + self.run_bound(workload, params, session.gpu)
+        return deadline
+
+    async def _take_back(self, rec: JobRecord) -> None:
+        """A lease past its run-time bound: heartbeats kept the miner's
+        connection, not its job. The job goes to another miner, and this one
+        pays in reputation as for a refused result (banned only as often)."""
+        why = f"no result from {rec.miner_id} within the job's run-time bound"
+        session = self.sessions.get(rec.miner_id)
+        if session is not None and session.leases.pop(rec.lease_id, None) is not None:
+            up = session.uploads.pop(rec.lease_id, None)
+            if up:
+                up.path.unlink(missing_ok=True)
+            session.outbox.put_nowait(cpb.ConnectResponse(cancel=cpb.CancelAssignment(lease_id=rec.lease_id,
+                                                                                      reason=why)))  # fmt: skip
+        new = await self._retry_or_fail(
+            rec, st.LEASED, why, expect_lease=rec.lease_id, refused_miners=_excluding(rec, rec.miner_id)
+        )
+        if new is None:
+            return  # its result came first, or another replica took it back
+        _, banned = await self._judge_miner(rec.miner_id, False)
+        log.warning("run_bound_passed", job_id=rec.job_id, miner_id=rec.miner_id, lease_id=rec.lease_id,
+                    banned=banned)  # fmt: skip
+        if banned and session is not None:
+            session.outbox.put_nowait(None)
 
     async def _retry_or_fail(
         self,
@@ -724,6 +779,8 @@ class Coordinator:
                 await self._retry_or_fail(
                     rec, st.LEASED, "miner reconnected without the job", expect_lease=rec.lease_id
                 )
+        if session.leases:
+            session.run_deadlines.update(await self.db(self.store.run_deadlines, list(session.leases)))
         for lease_id in in_flight - set(session.leases):
             session.outbox.put_nowait(
                 cpb.ConnectResponse(cancel=cpb.CancelAssignment(lease_id=lease_id, reason="lease no longer valid"))
@@ -1160,6 +1217,11 @@ class Coordinator:
                             )
                         )
                     await self._retry_or_fail(rec, st.LEASED, "lease lapsed", expect_lease=rec.lease_id)
+                for rec in await self.db(self.store.overrun_leases, time.time()):
+                    await self._take_back(rec)
+                if time.monotonic() - self._last_bounds_sweep > BOUNDS_SWEEP_SECS:
+                    self._last_bounds_sweep = time.monotonic()
+                    await self.db(self.store.forget_lease_bounds)
             except Exception:
                 log.exception("lease_loop_error")
 

@@ -72,6 +72,14 @@ CREATE TABLE IF NOT EXISTS miner_key_resets (
     reason      TEXT NOT NULL,
     create_time TEXT NOT NULL
 );
+-- Each lease's run-time bound: past run_deadline without a result the job
+-- is taken back, however the miner heartbeats. A table of its own, so
+-- additive like miner_key_resets; rows of ended leases are swept.
+CREATE TABLE IF NOT EXISTS lease_bounds (
+    lease_id     TEXT PRIMARY KEY,
+    job_id       TEXT NOT NULL,
+    run_deadline REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS outbox (
     job_id       TEXT NOT NULL,
     kind         TEXT NOT NULL CHECK (kind IN ('settle', 'release')),
@@ -236,12 +244,14 @@ class JobStore:
         from_states: Iterable[str],
         expect_lease: str | None = None,
         outbox: tuple[str, bytes] | None = None,
+        run_deadline: float | None = None,
         **changes: Any,
     ) -> JobRecord | None:
         """Apply `changes` if the job is in one of `from_states` (and holds
         `expect_lease`, when given). Returns the new record, or None when the
         condition failed: someone else moved the job first, or the lease is
-        stale."""
+        stale. `run_deadline` records the new lease's run-time bound in the
+        same commit."""
         unknown = set(changes) - set(_COLUMNS)
         assert not unknown, unknown
         with self._tx() as db:
@@ -257,6 +267,11 @@ class JobStore:
                 db.execute(
                     "INSERT INTO outbox(job_id, kind, payload) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                     (job_id, outbox[0], outbox[1]),
+                )
+            if run_deadline is not None:
+                db.execute(
+                    "INSERT INTO lease_bounds(lease_id, job_id, run_deadline) VALUES (?, ?, ?)",
+                    (changes["lease_id"], job_id, run_deadline),
                 )
             new = self._get(db, job_id)
             assert new is not None
@@ -293,6 +308,36 @@ class JobStore:
             rows = db.execute(f"{_SELECT} WHERE state IN (?, ?) AND lease_deadline < ?", (*LEASED, now)).fetchall()
         return [JobRecord(*r) for r in rows]
 
+    def overrun_leases(self, now: float) -> list[JobRecord]:
+        """Leased jobs past their run-time bound."""
+        with self._read() as db:
+            rows = db.execute(
+                f"{_SELECT} WHERE state IN (?, ?) AND lease_id IN "
+                "(SELECT lease_id FROM lease_bounds WHERE run_deadline < ?)",
+                (*LEASED, now),
+            ).fetchall()
+        return [JobRecord(*r) for r in rows]
+
+    def run_deadlines(self, lease_ids: Iterable[str]) -> dict[str, float]:
+        ids = list(lease_ids)
+        if not ids:
+            return {}
+        with self._read() as db:
+            rows = db.execute(
+                f"SELECT lease_id, run_deadline FROM lease_bounds WHERE lease_id IN ({', '.join('?' * len(ids))})",
+                ids,
+            ).fetchall()
+        return {r[0]: float(r[1]) for r in rows}
+
+    def forget_lease_bounds(self) -> int:
+        """Drop the bounds of leases that ended (results, lapses, cancels)."""
+        with self._tx() as db:
+            cur = db.execute(
+                "DELETE FROM lease_bounds WHERE lease_id NOT IN (SELECT lease_id FROM jobs WHERE state IN (?, ?))",
+                LEASED,
+            )
+            return int(cur.rowcount)
+
     def expired(self, now: float, states: Iterable[str]) -> list[JobRecord]:
         states = list(states)
         with self._read() as db:
@@ -320,12 +365,14 @@ class JobStore:
         return [JobRecord(*r) for r in rows]
 
     def renew_leases(self, deadline: float) -> int:
-        """Push every lease's deadline to at least `deadline`."""
+        """Push every lease's deadline, and run-time bound, to at least
+        `deadline`: its miner could deliver nothing while we were down."""
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE jobs SET lease_deadline = ? WHERE state IN (?, ?) AND lease_deadline < ?",
                 (deadline, *LEASED, deadline),
             )
+            db.execute("UPDATE lease_bounds SET run_deadline = ? WHERE run_deadline < ?", (deadline, deadline))
             return int(cur.rowcount)
 
     def extend_leases(self, miner_id: str, deadline: float) -> int:

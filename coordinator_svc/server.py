@@ -29,6 +29,14 @@ OPTIONS = [
     Option("FEE_BPS", int, 500, "treasury fee, in basis points of the price"),
     Option("BAN_AFTER", int, 3, "refused results after which a miner is banned"),
     Option(
+        "RUN_BOUND_FACTOR",
+        float,
+        3.0,
+        "a job is taken back from a miner with no result after this many times the workload's estimate for a "
+        "slow CPU or GPU (see each workload's run_seconds), heartbeats or not; it counts as a refused result",
+    ),
+    Option("RUN_BOUND_FLOOR_SECS", float, 300.0, "the shortest run-time bound any job gets"),
+    Option(
         "MAX_RESULT_BYTES",
         int,
         64 * 2**20,

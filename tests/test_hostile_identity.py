@@ -10,6 +10,7 @@ import asyncio
 import collections
 import json
 import secrets
+import sqlite3
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ from aitbc.rpc import error_reason
 from aitbc.signed import seal
 from aitbc.timeutil import ts_now
 from aitbc.v1 import coordinator_pb2 as cpb
-from aitbc.v1 import coordinator_pb2_grpc, signing_pb2
+from aitbc.v1 import coordinator_pb2_grpc, signing_pb2, workloads_pb2
 from tests.conftest import ROOT, Identity, Network, eventually, md
 from tests.test_e2e import Clients, matmul_spec
 from tests.test_rekey import Stream, get_job
@@ -364,3 +365,109 @@ async def test_a_revocation_closes_the_stream_on_another_replica(network: Networ
     finally:
         await clients.close()
     books_are_clean(network)
+
+
+def standing(net: Network, miner_id: str) -> tuple[int, int]:
+    lite = sqlite3.connect(net.root / "coordinator.sqlite")
+    row = lite.execute("SELECT accepted, refused FROM miners WHERE miner_id = ?", (miner_id,)).fetchone()
+    lite.close()
+    return int(row[0]), int(row[1])
+
+
+async def test_a_miner_that_heartbeats_but_never_finishes_loses_its_jobs(network: Network) -> None:
+    """Heartbeats keep a connection, not a job: past the run-time bound
+    (set low here) each job is cancelled, taken back and settled elsewhere,
+    and the silent miner's reputation drops as for a refused result."""
+    network.start_wallet()
+    network.start_coordinator("--heartbeat-secs", "0.5", "--lease-secs", "3", "--run-bound-factor", "0.001",
+                              "--run-bound-floor-secs", "3")  # fmt: skip
+    clients = Clients(network)
+    address = network.ids["miner3"].address
+    try:
+        await clients.mint("client", 10**8)
+        before = await clients.balance(network.ids["client"].address)
+        silent = Stream(network, "miner3", key_of(network, "miner3"), network.coord_target)
+        silent.hello.capabilities.slots = 2
+        async with silent:
+            await silent.next("welcome")
+
+            async def heartbeats() -> None:
+                while True:
+                    silent.out.put_nowait(cpb.ConnectRequest(heartbeat=cpb.MinerHeartbeat(free_slots=0)))
+                    await asyncio.sleep(0.5)
+
+            beating = asyncio.create_task(heartbeats())
+            try:
+                jobs = [await clients.submit(matmul_spec(n=16)) for _ in range(2)]
+                held = [await silent.next("assignment") for _ in jobs]
+                for a in held:
+                    silent.accept(a)
+                cancels = {(await silent.next("cancel", timeout=30)).lease_id for _ in held}
+                assert cancels == {a.lease_id for a in held}
+                for j in jobs:
+                    got = await get_job(clients, j.job_id)
+                    assert (got.state, got.attempts) == (cpb.JOB_STATE_QUEUED, 1), got
+                lines = [json.loads(x) for x in network.log("coordinator").read_text().splitlines() if x[:1] == "{"]
+                passed = [x for x in lines if x["event"] == "job_state" and "run-time bound" in (x["detail"] or "")]
+                assert {x["job_id"] for x in passed} == {j.job_id for j in jobs}
+                # Still connected (two refusals do not ban), and its late
+                # result for a lease taken back is refused.
+                assert not silent.ended.done()
+                silent.deliver(held[0])
+                late = await silent.next("ack")
+                assert late.verdict == cpb.VERDICT_UNSPECIFIED and late.miner_amount == 0, late
+                assert standing(network, "miner-3") == (0, 2)
+
+                async with Stream(network, "miner2", key_of(network, "miner2"), network.coord_target) as honest:
+                    await honest.next("welcome")
+                    for _ in jobs:
+                        a = await honest.next("assignment")
+                        honest.accept(a)
+                        honest.deliver(a)
+                        assert (await honest.next("ack")).verdict == cpb.VERDICT_ACCEPTED
+                    finals = [(await clients.watch(j.job_id))[-1] for j in jobs]
+                assert not silent.ended.done()
+            finally:
+                beating.cancel()
+        for f in finals:
+            assert f.state == cpb.JOB_STATE_SETTLED and (f.miner_id, f.attempts) == ("miner-2", 2), f
+            assert [r.miner_id for r in f.runs] == ["miner-2"]
+        assert await clients.balance(network.ids["miner2"].address) == (sum(f.miner_amount for f in finals), 0)
+        assert await clients.balance(address) == (0, 0)
+        assert await clients.balance(network.ids["client"].address) == (before[0] - sum(f.price for f in finals), 0)
+    finally:
+        await clients.close()
+    books_are_clean(network)
+
+
+def test_run_bounds_follow_the_work_and_the_device() -> None:
+    """Generous by construction: every repeat counts, half precision on a
+    CPU counts ten times, a CPU counts more than a GPU, and nothing is under
+    the floor."""
+    from aitbc.workloads.registry import workload_of
+    from coordinator_svc._jobs import Settings
+    from tests.test_coordinator import long_spec
+
+    class Bounds:
+        settings = Settings(network_id="t")
+
+    def bound(spec: cpb.JobSpec, gpu: bool = False) -> float:
+        from coordinator_svc._jobs import Coordinator
+
+        workload, params = workload_of(spec)
+        return Coordinator.run_bound(Bounds(), workload, params, gpu)  # type: ignore[arg-type]
+
+    small = matmul_spec(n=16)
+    assert bound(small) == bound(small, gpu=True) == 300.0  # the floor
+    long = long_spec()
+    assert bound(long) > bound(long, gpu=True)
+    more = cpb.JobSpec()
+    more.CopyFrom(long)
+    more.matmul.repeats = 100
+    assert bound(more) > bound(long)
+    half = cpb.JobSpec()
+    half.CopyFrom(long)
+    half.matmul.dtype = workloads_pb2.DTYPE_FP16
+    assert bound(half) > bound(long)
+    llm = cpb.JobSpec(llm_gen=workloads_pb2.LlmGenParams(model="m", prompt="hi", max_new_tokens=1024), max_price=1)
+    assert bound(llm) >= 3 * 1024 * 2.0  # two seconds a token, three times over

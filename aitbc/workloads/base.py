@@ -51,6 +51,18 @@ class Workload(ABC, Generic[P]):
         """The model the job needs a miner to hold; "" for none."""
         return ""
 
+    # Seconds one of work_units() takes on a slow device of each kind: what
+    # the coordinator's run-time bound for a job is a multiple of, never
+    # its price. Slow on purpose (an old CPU, a small GPU, a large model):
+    # an honest run cut short is lost work, a cheat held longer only waits.
+    cpu_secs_per_unit: ClassVar[float] = 1.0
+    gpu_secs_per_unit: ClassVar[float] = 0.1
+
+    def run_seconds(self, params: P, gpu: bool) -> float:
+        """How long an honest run of the job takes, at most, on a slow CPU
+        or CUDA GPU."""
+        return self.work_units(params) * (self.gpu_secs_per_unit if gpu else self.cpu_secs_per_unit)
+
     @abstractmethod
     def work_units(self, params: P) -> int:
         """The coordinator's own measure of the work: never the miner's."""

@@ -38,6 +38,9 @@ class LlmGenParams:
 class LlmGen(Workload[LlmGenParams]):
     name = NAME
     unit = "token"
+    # A 7B model on a slow CPU decodes about a token a second.
+    cpu_secs_per_unit = 2.0
+    gpu_secs_per_unit = 0.2
 
     def params(self, spec: coordinator_pb2.JobSpec) -> LlmGenParams:
         p = spec.llm_gen

@@ -189,6 +189,15 @@ class Matmul(Workload[MatmulParams]):
         # they are not paid for.
         return -(-params.flops // 10**6)
 
+    def run_seconds(self, params: MatmulParams, gpu: bool) -> float:
+        # Every repeat runs, paid or not; half precision on a CPU without
+        # native support is about ten times slower than fp32.
+        mflop = params.flops * (params.repeats + 1) / 1e6
+        # 1 TFLOP/s on a GPU; 10 GFLOP/s fp32, 1 GFLOP/s half on a CPU.
+        per_mflop = 1e-6 if gpu else 1e-4 if params.dtype == "fp32" else 1e-3
+        # Making A and B: 2n^2 values at 20 million a second.
+        return mflop * per_mflop + 2 * params.n**2 / 2e7
+
     def max_output_size(self, params: MatmulParams) -> int:
         return params.output_size
 

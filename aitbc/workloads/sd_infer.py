@@ -41,6 +41,10 @@ class SdInferParams:
 class SdInfer(Workload[SdInferParams]):
     name = NAME
     unit = "kilopixel-step"
+    # SD 1.5 at 512x512 (262 kilopixels) with guidance takes 5-10 s a step
+    # on a desktop CPU, well under 0.1 s on a GPU; these allow 26 s, 0.5 s.
+    cpu_secs_per_unit = 0.1
+    gpu_secs_per_unit = 0.002
 
     def params(self, spec: coordinator_pb2.JobSpec) -> SdInferParams:
         p = spec.sd_infer
