@@ -1217,8 +1217,16 @@ class Coordinator:
                             )
                         )
                     await self._retry_or_fail(rec, st.LEASED, "lease lapsed", expect_lease=rec.lease_id)
-                for rec in await self.db(self.store.overrun_leases, time.time()):
-                    await self._take_back(rec)
+                now = time.time()
+                for rec in await self.db(self.store.overrun_leases, now):
+                    if rec.miner_id in self.sessions:
+                        await self._take_back(rec)
+                # A miner whose stream is on another replica is that one's
+                # to stop (it can tell the miner to cancel); here only once
+                # that replica is a lease late, or gone.
+                for rec in await self.db(self.store.overrun_leases, now - self.settings.lease_secs):
+                    if rec.miner_id not in self.sessions:
+                        await self._take_back(rec)
                 if time.monotonic() - self._last_bounds_sweep > BOUNDS_SWEEP_SECS:
                     self._last_bounds_sweep = time.monotonic()
                     await self.db(self.store.forget_lease_bounds)

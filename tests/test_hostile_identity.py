@@ -471,3 +471,40 @@ def test_run_bounds_follow_the_work_and_the_device() -> None:
     assert bound(half) > bound(long)
     llm = cpb.JobSpec(llm_gen=workloads_pb2.LlmGenParams(model="m", prompt="hi", max_new_tokens=1024), max_price=1)
     assert bound(llm) >= 3 * 1024 * 2.0  # two seconds a token, three times over
+
+
+async def test_the_replica_holding_a_silent_miners_stream_takes_its_job_back(network: Network, pg_server: Any) -> None:
+    """With two replicas, the miner is still told to cancel: the replica that
+    holds its stream acts first, the other only a lease later."""
+    dsn = pg_server.new_database()
+    flags = ("--heartbeat-secs", "0.5", "--lease-secs", "5", "--run-bound-factor", "0.001",
+             "--run-bound-floor-secs", "2")  # fmt: skip
+    network.start_wallet()
+    network.start_coordinator(*flags, coord_db=dsn)
+    network.start_coordinator(*flags, coord_db=dsn, name="coordinator2")
+    clients = Clients(network)
+    address = network.ids["miner3"].address
+    try:
+        await clients.mint("client", 10**8)
+        before = await clients.balance(network.ids["client"].address)
+        async with Stream(network, "miner3", key_of(network, "miner3"), network.target("coordinator2")) as silent:
+            await silent.next("welcome")
+
+            async def heartbeats() -> None:
+                while True:
+                    silent.out.put_nowait(cpb.ConnectRequest(heartbeat=cpb.MinerHeartbeat(free_slots=0)))
+                    await asyncio.sleep(0.5)
+
+            beating = asyncio.create_task(heartbeats())
+            try:
+                job = await clients.submit(matmul_spec(n=16))  # on the first replica
+                a = await silent.next("assignment")
+                silent.accept(a)
+                assert (await silent.next("cancel", timeout=30)).lease_id == a.lease_id
+            finally:
+                beating.cancel()
+        await requeued_then_paid_elsewhere(network, clients, job.job_id, "miner3", address, before,
+                                           target=network.coord_target)  # fmt: skip
+    finally:
+        await clients.close()
+    books_are_clean(network)
