@@ -309,7 +309,7 @@ async def test_an_expired_tokens_open_stream_is_closed_and_its_job_paid_elsewher
     network.start_wallet()
     network.start_coordinator()
     clients = Clients(network)
-    ident = expiring_miner(network, "shortlived", "miner-9", seconds=6)
+    ident = expiring_miner(network, "shortlived", "miner-9", seconds=10)
     try:
         await clients.mint("client", 10**8)
         before = await clients.balance(network.ids["client"].address)
@@ -324,13 +324,13 @@ async def test_an_expired_tokens_open_stream_is_closed_and_its_job_paid_elsewher
                 raise AssertionError("not welcomed yet") from None
             return s
 
-        expiring = await eventually(welcomed, timeout=5)  # once the file is reloaded
+        expiring = await eventually(welcomed, timeout=8)  # once the file is reloaded
         try:
             job = await clients.submit(matmul_spec(n=16))
             a = await expiring.next("assignment")
             expiring.accept(a)
             assert not expiring.ended.done()  # still valid: kept
-            cancel = await expiring.next("cancel", timeout=20)
+            cancel = await expiring.next("cancel", timeout=30)
             assert cancel.lease_id == a.lease_id and "expired" in cancel.reason
             assert time.time() >= ident.principal.expires
             assert await expiring.status(timeout=5) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_EXPIRED")
