@@ -318,7 +318,8 @@ async def test_the_next_job_is_prefetched_and_prepared_while_one_runs(net: tuple
     async def queued_at_the_miner_with_inputs_made() -> None:
         job = await get(clients, second.job_id)
         assert job.state == cpb.JOB_STATE_ASSIGNED and job.miner_id == "miner-1", job
-        assert list((network.root / "miner" / "jobs").glob("*/inputs.npy")), "inputs not prepared"
+        # Scratch: WORK_DIR, by default STATE_DIR/work.
+        assert list((network.root / "miner" / "work" / "jobs").glob("*/inputs.npy")), "inputs not prepared"
 
     await eventually(queued_at_the_miner_with_inputs_made)
     assert (await get(clients, first.job_id)).state == cpb.JOB_STATE_RUNNING  # the slot was busy all along
