@@ -31,6 +31,7 @@ from aitbc.config import Option
 from aitbc.errors import DOMAIN, AitbcError, InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
 from aitbc.metrics import RPC_REQUESTS, RPC_SECONDS
 from aitbc.tls import SERVER_TLS_OPTIONS, TlsConfig, check_plaintext
+from aitbc.wellformed import well_formed
 
 log = structlog.get_logger()
 
@@ -39,6 +40,8 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024 + 64 * 1024
 # (see _Gate.before_refusing), and at most this many wait at once.
 REFUSAL_WAIT_SECS = 1.0
 MAX_WAITING_REFUSALS = 256
+# Messages a stream refused midway may still send while it is waited for.
+MAX_DRAINED = 256
 
 
 def rich_status(err: AitbcError) -> grpc.Status:
@@ -182,12 +185,24 @@ class _Gate:
         process. Once its first message is here, its write is done. Bounded
         in time and in how many refusals wait at once: beyond that, refuse
         at once and let a flood's clients read INTERNAL."""
+        await self._before_status(requests, 1)
+
+    async def before_refusing_midway(self, requests: AsyncIterator[Any]) -> None:
+        """The same for a stream refused after its first message (one that
+        did not parse, a time out of range, a hello refused): its later
+        writes race the status alike, so wait for the caller to finish
+        writing, reading at most MAX_DRAINED more messages. A handler's own
+        reader of the stream has ended or been cancelled by then; should it
+        still be reading, this read fails and the status goes at once."""
+        await self._before_status(requests, MAX_DRAINED)
+
+    async def _before_status(self, requests: AsyncIterator[Any], most: int) -> None:
         if self._refusing >= MAX_WAITING_REFUSALS:
             return
         self._refusing += 1
         try:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(anext(aiter(requests)), REFUSAL_WAIT_SECS)
+            with contextlib.suppress(Exception):  # StopAsyncIteration too: it has finished
+                await asyncio.wait_for(_read(requests, most), REFUSAL_WAIT_SECS)
         finally:
             self._refusing -= 1
 
@@ -311,7 +326,8 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
         inner_stream = handler.unary_stream or handler.stream_stream
         if inner_stream is not None:
 
-            async def streaming(arg: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def streaming(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                arg = raw
                 held = ""
                 failure: BaseException | None = None
                 admitted = False
@@ -320,7 +336,7 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
                     if who is not None:
                         held = gate.open_stream(who)
                     admitted = True
-                    arg = _well_formed_stream(arg, method) if handler.stream_stream else _well_formed(arg, method)
+                    arg = _well_formed_stream(raw, method) if handler.stream_stream else _well_formed(raw, method)
                     async for item in inner_stream(arg, context):
                         yield item
                 except (grpc.aio.AbortError, asyncio.CancelledError) as exc:
@@ -329,7 +345,9 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
                 except Exception as exc:
                     failure = exc
                     if handler.stream_stream and not admitted:
-                        await gate.before_refusing(arg)
+                        await gate.before_refusing(raw)
+                    elif handler.stream_stream:
+                        await gate.before_refusing_midway(raw)
                     await on_error(context, exc)
                 finally:
                     if held:
@@ -376,12 +394,18 @@ def _well_formed(request: Any, method: str) -> Any:
         raise InvalidArgument(
             f"the request is not a valid {method.rsplit('/', 1)[-1]} request", reason="MALFORMED_REQUEST"
         )
-    return request
+    return well_formed(request)
 
 
 async def _well_formed_stream(requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
     async for request in requests:
         yield _well_formed(request, method)
+
+
+async def _read(requests: AsyncIterator[Any], most: int) -> None:
+    it = aiter(requests)
+    for _ in range(most):
+        await anext(it)
 
 
 _REQUEST_IDS = itertools.count(1)

@@ -14,7 +14,9 @@ import base64
 import dataclasses
 import hashlib
 import json
+import math
 import random
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -36,6 +38,7 @@ from aitbc.signed import seal
 from aitbc.timeutil import ts_from_datetime, ts_now
 from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import signing_pb2
+from aitbc.wellformed import check_timestamp
 from aitbc.workloads.registry import WORKLOADS, policy_of, workload_of
 from coordinator_svc import _metrics as M
 from coordinator_svc import _store as st
@@ -413,6 +416,7 @@ class Coordinator:
             return await self._confirm_hold(prior) if prior.state == st.HOLDING else prior
         deadline = 0.0
         if spec.HasField("deadline_time"):
+            check_timestamp(spec.deadline_time, "spec.deadline_time")
             deadline = spec.deadline_time.ToNanoseconds() / 1e9
             if deadline <= time.time():
                 raise InvalidArgument("deadline_time is in the past", field="spec.deadline_time")
@@ -1097,7 +1101,7 @@ class Coordinator:
             M.VERDICTS.labels(rec.workload, ACCEPTED).inc()
             M.MINER_EARNINGS.labels(r.miner_id).inc(pay_each)
             usage = signing_pb2.Usage.FromString(bytes.fromhex(r.usage))
-            if usage.energy_joules:
+            if 0 < usage.energy_joules < math.inf:  # the miner's figure: NaN would poison the histogram
                 M.ENERGY_JOULES.labels(rec.workload).observe(usage.energy_joules)
         for r in losers:
             M.VERDICTS.labels(rec.workload, DISAGREED).inc()
@@ -1310,14 +1314,20 @@ def _job_token(rec: JobRecord) -> str:
     return base64.urlsafe_b64encode(f"{rec.create_time}|{rec.job_id}".encode()).decode()
 
 
+_JOB_ID = re.compile(r"job_[0-9a-f]{1,40}")
+
+
 def _parse_job_token(token: str) -> tuple[str, str] | None:
     if not token:
         return None
     try:
         create_time, sep, job_id = base64.urlsafe_b64decode(token.encode()).decode().partition("|")
+        # Both go into a query: text that is no time or id (a NUL byte, which
+        # PostgreSQL refuses) must stop here, not in the store.
+        datetime.fromisoformat(create_time)
     except (ValueError, UnicodeDecodeError):
         create_time, sep, job_id = "", "", ""
-    if not sep or not job_id.startswith("job_"):
+    if not sep or not _JOB_ID.fullmatch(job_id):
         raise InvalidArgument("page_token is not one this service issued", field="page_token")
     return create_time, job_id
 

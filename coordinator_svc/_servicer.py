@@ -19,6 +19,7 @@ from aitbc.signed import open_signed
 from aitbc.timeutil import duration, ts_from_iso
 from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import coordinator_pb2_grpc, signing_pb2
+from aitbc.wellformed import check_timestamp
 from coordinator_svc import _store as st
 from coordinator_svc._jobs import Coordinator, MinerSession, load_runs, reputation
 from coordinator_svc._metrics import version_label
@@ -217,6 +218,7 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
         if not crypto.verify(crypto.KEY_ROTATION_DOMAIN, request.rotation.body, request.new_key_signature, new_key):
             raise InvalidArgument("the new key did not sign the rotation", field="new_key_signature",
                                   reason="BAD_SIGNATURE")  # fmt: skip
+        check_timestamp(body.create_time, "rotation.create_time")
         age = abs(time.time() - body.create_time.ToNanoseconds() / 1e9)
         if age > 300:
             raise FailedPrecondition("the rotation is more than 5 minutes old or early", reason="STALE_ROTATION")

@@ -6,8 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aitbc import crypto
+from aitbc.errors import InvalidArgument
 from aitbc.signed import BadSignature, open_signed
 from aitbc.v1 import coordinator_pb2, signing_pb2
+from aitbc.wellformed import check_times
 from aitbc.workloads.registry import workload_of
 from coordinator_svc._store import JobRecord
 
@@ -37,6 +39,12 @@ def check_result(
     try:
         body = open_signed(receipt, crypto.RECEIPT_DOMAIN, miner_key, signing_pb2.ReceiptBody)
     except BadSignature as exc:
+        return Outcome(BAD_SIGNATURE, f"receipt refused: {exc.message}")
+    try:
+        # Its usage is shown to the client: a time no conversion accepts
+        # would break every reader of the job.
+        check_times(body, "receipt.")
+    except InvalidArgument as exc:
         return Outcome(BAD_SIGNATURE, f"receipt refused: {exc.message}")
     bindings = {
         "network_id": (body.network_id, network_id),

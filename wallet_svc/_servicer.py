@@ -19,6 +19,7 @@ from aitbc.timeutil import ts_from_iso
 from aitbc.v1 import errors_pb2, signing_pb2, wallet_pb2, wallet_pb2_grpc
 from wallet_svc._ledger import (
     HELD,
+    INT64_MAX,
     RELEASED,
     SETTLED,
     Balance,
@@ -91,7 +92,9 @@ def _parse_page_token(token: str) -> int | None:
         return None
     try:
         kind, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        if kind == "before":
+        # Transaction ids are positive int64s: anything else would overflow
+        # the store's integer (INTERNAL) or match nothing.
+        if kind == "before" and 0 < int(value) <= INT64_MAX:
             return int(value)
     except (ValueError, UnicodeDecodeError):
         pass
