@@ -19,12 +19,13 @@ import random
 import re
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,7 +40,7 @@ from aitbc.timeutil import ts_from_datetime, ts_now
 from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import signing_pb2
 from aitbc.wellformed import check_timestamp
-from aitbc.workloads.registry import WORKLOADS, policy_of, workload_of
+from aitbc.workloads.registry import MAX_SPEC_BYTES, WORKLOADS, policy_of, workload_of
 from coordinator_svc import _metrics as M
 from coordinator_svc import _store as st
 from coordinator_svc._store import JobRecord, JobStore
@@ -387,6 +388,16 @@ class Coordinator:
             raise InvalidArgument("request_id is required: any unique string; retries reuse it", field="request_id")
         if len(request_id) > 128:
             raise InvalidArgument("request_id is longer than 128 characters", field="request_id")
+        # The gate drops unknown fields from every request; this keeps them
+        # out of the store whoever calls, since the stored spec is what every
+        # dispatch pass reads and every miner gets.
+        spec.DiscardUnknownFields()
+        if spec.ByteSize() > MAX_SPEC_BYTES:
+            raise InvalidArgument(
+                f"the spec is {spec.ByteSize()} bytes, above the {MAX_SPEC_BYTES} a job may carry",
+                field="spec",
+                reason="SPEC_TOO_LARGE",
+            )
         workload, params = workload_of(spec)
         size = workload.max_output_size(params)
         if size > self.settings.max_result_bytes:
@@ -602,7 +613,7 @@ class Coordinator:
         for rec in queued:
             sessions = list(self.sessions.values())
             try:
-                model, req = _placement(rec.spec)
+                model, req = _placement(rec)
             except AitbcError as exc:
                 # Valid when submitted, refused by this build's rules: end it
                 # rather than let it stall the queue behind it.
@@ -1332,14 +1343,26 @@ def _parse_job_token(token: str) -> tuple[str, str] | None:
     return create_time, job_id
 
 
-@lru_cache(maxsize=4096)
-def _placement(spec_bytes: bytes) -> tuple[str, cpb.Requirements]:
-    """(model, requirements) a queued job needs of a miner. Cached by spec:
-    the dispatcher asks for every queued job on every pass, and parsing and
-    validating an embed job's 256 texts each time is work done over and over."""
-    spec = cpb.JobSpec.FromString(spec_bytes)
+_PLACEMENTS: OrderedDict[bytes, tuple[str, cpb.Requirements]] = OrderedDict()
+PLACEMENTS_CACHED = 4096
+
+
+def _placement(rec: JobRecord) -> tuple[str, cpb.Requirements]:
+    """(model, requirements) a queued job needs of a miner. Cached: the
+    dispatcher asks for every queued job on every pass, and parsing and
+    validating an embed job's 256 texts each time is work done over and over.
+    Keyed by the spec's digest, not the spec: 4096 specs as keys would pin
+    up to 256 MiB."""
+    hit = _PLACEMENTS.get(rec.spec_sha256)
+    if hit is not None:
+        _PLACEMENTS.move_to_end(rec.spec_sha256)
+        return hit
+    spec = cpb.JobSpec.FromString(rec.spec)
     workload, params = workload_of(spec)
-    return workload.model(params), spec.requirements
+    hit = _PLACEMENTS[rec.spec_sha256] = (workload.model(params), spec.requirements)
+    if len(_PLACEMENTS) > PLACEMENTS_CACHED:
+        _PLACEMENTS.popitem(last=False)
+    return hit
 
 
 def _excluding(rec: JobRecord, miner_id: str) -> str:

@@ -21,6 +21,10 @@ from aitbc.workloads.sd_infer import SdInfer
 WORKLOADS: dict[str, Workload[Any]] = {w.name: w for w in (Matmul(), LlmGen(), Embed(), SdInfer())}
 MAX_REDUNDANCY = 5
 DEFAULT_REDUNDANCY = 2
+# Largest job spec, serialized: each is stored, read at every dispatch pass
+# while it waits, and sent to every miner that runs it. Each workload's own
+# limits are per field; this bounds them together (an embed job's texts).
+MAX_SPEC_BYTES = 64 * 1024
 
 
 def workload_of(spec: coordinator_pb2.JobSpec) -> tuple[Workload[Any], Any]:
