@@ -105,8 +105,8 @@ def gpu_telemetry(miner_id: str, telemetry: Any) -> None:
         GPU["temperature_celsius"].labels(miner_id, gpu).set(t.temperature_celsius)
 
 
-def forget_gpus(miner_id: str, telemetry: Any) -> None:
-    for t in telemetry:
+def forget_gpus(miner_id: str, indexes: Iterable[int]) -> None:
+    for index in indexes:
         for g in GPU.values():
             with contextlib.suppress(KeyError):
-                g.remove(miner_id, str(t.index))
+                g.remove(miner_id, str(index))

@@ -28,6 +28,8 @@ from coordinator_svc._store import JobRecord
 log = structlog.get_logger()
 
 HELLO_TIMEOUT = 10.0
+# GPUs one miner may declare: each is a set of metric labels while it is here.
+MAX_GPUS = 64
 
 _STATE = {
     st.HOLDING: cpb.JOB_STATE_QUEUED,
@@ -246,6 +248,10 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
             raise InvalidArgument("capabilities.slots must be in 1..64", field="hello.capabilities.slots")
         if caps.prefetch > 4:
             raise InvalidArgument("capabilities.prefetch must be in 0..4", field="hello.capabilities.prefetch")
+        if len(caps.gpus) > MAX_GPUS:
+            raise InvalidArgument(
+                f"capabilities.gpus may list at most {MAX_GPUS} GPUs", field="hello.capabilities.gpus"
+            )
         standing = await self._core.db(self._core.store.standing, hello.miner_id)
         if self._core.banned(standing):
             raise PermissionDenied(
@@ -272,6 +278,7 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
             slots=caps.slots,
             gpu=gpu,
             max_vram=max((g.memory_total_bytes for g in caps.gpus), default=0),
+            gpus=frozenset(g.index for g in caps.gpus),
             models=frozenset(f"{m.workload}/{m.name}" for m in caps.models),
             prefetch=caps.prefetch,
         )

@@ -108,7 +108,11 @@ async def test_gpu_telemetry_from_heartbeats_is_exported_per_miner(network: Netw
     network.start_wallet()
     network.start_coordinator()
     out: asyncio.Queue[cpb.ConnectRequest] = asyncio.Queue()
-    out.put_nowait(hello(network, "miner3"))
+    declared = hello(network, "miner3")
+    # Telemetry is kept only for the GPUs a hello declares.
+    declared.hello.capabilities.accel = cpb.ACCEL_KIND_CUDA
+    declared.hello.capabilities.gpus.add(index=0, name="fake", memory_total_bytes=2**34)
+    out.put_nowait(declared)
     beat = cpb.MinerHeartbeat(
         free_slots=1,
         telemetry=[cpb.GpuTelemetry(index=0, utilization_percent=87, memory_used_bytes=3 * 2**30,
