@@ -77,3 +77,8 @@ class ResourceExhausted(AitbcError):
 class Unavailable(AitbcError):
     code = "UNAVAILABLE"
     reason = "UNAVAILABLE"
+
+    def __init__(self, message: str, *, retry_after: float = 0.0, **kw: object) -> None:
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        # Sent as google.rpc.RetryInfo when set: when to try again.
+        self.retry_after = retry_after

@@ -10,6 +10,7 @@ import structlog
 from aitbc import config as cfg
 from aitbc.auth import TokenTable
 from aitbc.crypto import load_or_create_key
+from aitbc.dbfaults import follow_health
 from aitbc.logs import setup_logging
 from aitbc.metrics import serve_metrics
 from aitbc.server import server_settings, wait_for_shutdown_signal, write_ready_file
@@ -70,6 +71,7 @@ async def serve(conf: dict) -> int:
     watch_sidecar_versions(lambda: [s.version for s in list(core.sessions.values())])
     metrics = serve_metrics(conf["METRICS_PORT"], conf["METRICS_HOST"], conf["READY_FILE"])
     await service.start()
+    health = asyncio.create_task(follow_health(store, service.set_serving))
     try:
         await core.start()
         write_ready_file(conf["READY_FILE"], port)
@@ -77,6 +79,7 @@ async def serve(conf: dict) -> int:
         sig = await wait_for_shutdown_signal()
         log.info("coordinator_stopping", signal=sig)
     finally:
+        health.cancel()
         core.disconnect_all()
         await service.stop(conf["SHUTDOWN_GRACE"])
         await core.stop()

@@ -34,6 +34,7 @@ import structlog
 from aitbc import crypto
 from aitbc.audit import audit
 from aitbc.auth import Principal
+from aitbc.dbfaults import StorageUnavailable
 from aitbc.errors import AitbcError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from aitbc.signed import seal
 from aitbc.timeutil import ts_from_datetime, ts_now
@@ -156,10 +157,6 @@ class MinerSession:
     draining: bool = False
     # The latest GPU telemetry from its heartbeats.
     telemetry: list[Any] = field(default_factory=list)
-    # The indexes of the GPUs its hello declared: telemetry for others is
-    # dropped (counted here), so its metric labels are bounded by its hello.
-    gpus: frozenset[int] = frozenset()
-    undeclared_telemetry: int = 0
     # 0..1 from its record of accepted and refused results (see reputation()).
     reputation: float = 0.5
     # The sidecar's release as a bounded metric label (see _metrics.version_label).
@@ -225,6 +222,9 @@ class WatchHub:
     def watching(self, job_id: str) -> bool:
         return job_id in self._subs
 
+    def watched(self) -> list[str]:
+        return list(self._subs)
+
     def subscribe(self, job_id: str) -> asyncio.Queue[JobRecord]:
         q: asyncio.Queue[JobRecord] = asyncio.Queue()
         self._subs.setdefault(job_id, set()).add(q)
@@ -281,6 +281,18 @@ class Coordinator:
         event loop must not wait on the disk."""
         return await asyncio.get_running_loop().run_in_executor(self._db_exec, partial(fn, *args, **kwargs))
 
+    async def _until_stored(self, write: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """A write that must land however long the database is away: the
+        store gives up after a while (aitbc.pg) so that its one thread and
+        the callers of RPCs are not held; this waits on, off that thread."""
+        delay = 0.5
+        while True:
+            try:
+                return await write()
+            except StorageUnavailable:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
     # -- lifecycle --------------------------------------------------------
 
     async def start(self) -> None:
@@ -292,7 +304,10 @@ class Coordinator:
         def on_miner_key(miner_id: str) -> None:  # on the listener's thread
             loop.call_soon_threadsafe(lambda: self.spawn(self.check_miner_key(miner_id)))
 
-        self.store.listen(on_change, on_miner_key)
+        def on_resync() -> None:  # on the listener's thread
+            loop.call_soon_threadsafe(self._resync)
+
+        self.store.listen(on_change, on_miner_key, on_resync)
         await self._recover()
         for coro in (self._dispatch_loop(), self._lease_loop(), self._outbox_loop()):
             self._tasks.append(asyncio.create_task(coro))
@@ -341,6 +356,17 @@ class Coordinator:
             self._outbox_wake.set()
         if self.watch_hub.watching(job_id):
             self.spawn(self._republish(job_id))
+
+    def _resync(self) -> None:
+        """The listener (re)connected: what changed while it was away was
+        announced to no one here. Act as if everything changed: queued
+        work, endings, every watched job, every connected miner's key."""
+        self.wake()
+        self._outbox_wake.set()
+        for job_id in self.watch_hub.watched():
+            self.spawn(self._republish(job_id))
+        for miner_id in list(self.sessions):
+            self.spawn(self.check_miner_key(miner_id))
 
     async def _republish(self, job_id: str) -> None:
         rec = await self.db(self.store.get, job_id)
@@ -896,32 +922,13 @@ class Coordinator:
                     )
         for up in session.uploads.values():
             up.path.unlink(missing_ok=True)
-        # Its GPUs' labels go with it; those a newer stream of the same miner
-        # declared too are that stream's now.
-        current = self.sessions.get(session.miner_id)
-        M.forget_gpus(session.miner_id, session.gpus - (current.gpus if current is not None else frozenset()))
-        log.info(
-            "miner_left", miner_id=session.miner_id, reason=reason,
-            undeclared_telemetry=session.undeclared_telemetry or None,
-        )  # fmt: skip
+        if self.sessions.get(session.miner_id) is None:
+            M.forget_gpus(session.miner_id, session.telemetry)
+        log.info("miner_left", miner_id=session.miner_id, reason=reason)
         self.wake()
 
     async def heartbeat(self, session: MinerSession, draining: bool = False, telemetry: Any = ()) -> None:
-        declared: dict[int, Any] = {}
-        undeclared = 0
-        for t in telemetry:
-            if t.index in session.gpus:
-                declared[t.index] = t
-            else:
-                undeclared += 1
-        if undeclared:
-            if not session.undeclared_telemetry:  # once per stream: a flood must not flood the log too
-                log.warning(
-                    "telemetry_undeclared_gpus", miner_id=session.miner_id, declared=sorted(session.gpus),
-                    dropped=undeclared,
-                )  # fmt: skip
-            session.undeclared_telemetry += undeclared
-        session.telemetry = list(declared.values())
+        session.telemetry = list(telemetry)
         M.gpu_telemetry(session.miner_id, session.telemetry)
         if draining and not session.draining:
             session.draining = True
@@ -1012,12 +1019,16 @@ class Coordinator:
         self._publish(rec)
         try:
             await self._judge(session, rec, res, up)
-        except Exception:
-            # Never leave a job stuck in VERIFYING: hand it out again.
+        except Exception as exc:
+            # Never leave a job stuck in VERIFYING: hand it out again, once
+            # the store answers again if it is what failed.
             log.exception("verification_error", job_id=job_id)
             if up:
                 up.path.unlink(missing_ok=True)
-            await self._retry_or_fail(rec, [st.VERIFYING], "internal error while verifying the result")
+            cause = "the database was away" if isinstance(exc, StorageUnavailable) else "internal error"
+            await self._until_stored(
+                lambda: self._retry_or_fail(rec, [st.VERIFYING], f"{cause} while verifying the result")
+            )
 
     async def _judge_miner(self, miner_id: str, accepted: bool) -> tuple[float, bool]:
         """Record a verdict in the miner's standing: (its reputation now,

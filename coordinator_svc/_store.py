@@ -2,19 +2,30 @@
 one database). Every transition is a compare-and-set on the job's
 state (and, where a miner speaks, its lease id: fencing), committed durably
 before anyone is told about it. The settlement outbox lives in the same
-database so a verdict and the intent to pay commit together."""
+database so a verdict and the intent to pay commit together.
+
+A lost database is UNAVAILABLE, never INTERNAL (aitbc.dbfaults). On
+PostgreSQL a call that failed on a lost connection runs again on a new one
+(aitbc.pg): any call whose transaction did not reach COMMIT, and, after a
+failure during COMMIT, the calls marked @_idempotent. A compare-and-set
+(@_once) that may have committed is not run again: its second run would
+find its own change and report that someone else moved the job first."""
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from aitbc.dbfaults import StoreHealth
 from aitbc.sqlite import SqliteStore, apply_postgres_schema
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -166,6 +177,23 @@ class OutboxItem:
     attempts: int
 
 
+def _store_call(idempotent: bool) -> Callable[[F], F]:
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def call(self: JobStore, *args: Any, **kwargs: Any) -> Any:
+            return self._attempts(functools.partial(fn, self, *args, **kwargs), idempotent=idempotent)
+
+        return call  # type: ignore[return-value]
+
+    return wrap
+
+
+# Reads, and writes whose second run answers as the first did.
+_idempotent = _store_call(True)
+# Writes that may run again only if the first run never reached COMMIT.
+_once = _store_call(False)
+
+
 class JobStore:
     """The store's logic over any DB-API connection with "?" placeholders.
     Subclasses provide _read() and _tx() and, for several replicas, row
@@ -177,6 +205,14 @@ class JobStore:
     # Called with (workload, new state) after each committed state change
     # made here (metrics).
     on_transition: Callable[[str, str], None] | None = None
+    health: StoreHealth
+
+    def _attempts(self, fn: Callable[[], Any], *, idempotent: bool) -> Any:
+        """fn(), run again after a lost connection where the store can."""
+        return fn()
+
+    def probe(self) -> None:
+        """Try the database once; self.health follows (aitbc.dbfaults)."""
 
     def _changed(self, old: JobRecord, new: JobRecord) -> None:
         if old.state != new.state and self.on_transition is not None:
@@ -194,10 +230,17 @@ class JobStore:
     def _notify_miner(self, db: Any, miner_id: str) -> None:
         """Tell other replicas a miner's key changed (no-op with one process)."""
 
-    def listen(self, on_change: Callable[[str, str], None], on_miner_key: Callable[[str], None] | None = None) -> None:
+    def listen(
+        self,
+        on_change: Callable[[str, str], None],
+        on_miner_key: Callable[[str], None] | None = None,
+        on_resync: Callable[[], None] | None = None,
+    ) -> None:
         """Call on_change(job_id, state) for job changes and
         on_miner_key(miner_id) for key changes made by other processes; a
-        single-process store has none."""
+        single-process store has none. on_resync() whenever the listener
+        (re)connects: changes made while it was away were not announced,
+        so the caller re-reads what it follows."""
 
     def close(self) -> None:
         raise NotImplementedError
@@ -206,10 +249,12 @@ class JobStore:
         row = db.execute(f"{_SELECT} WHERE job_id = ?{self.FOR_UPDATE if lock else ''}", (job_id,)).fetchone()
         return JobRecord(*row) if row else None
 
+    @_idempotent
     def get(self, job_id: str) -> JobRecord | None:
         with self._read() as db:
             return self._get(db, job_id)
 
+    @_idempotent
     def get_by_request(self, client_name: str, request_id: str) -> JobRecord | None:
         with self._read() as db:
             row = db.execute(
@@ -217,6 +262,7 @@ class JobStore:
             ).fetchone()
         return JobRecord(*row) if row else None
 
+    @_idempotent
     def insert(self, rec: JobRecord) -> JobRecord:
         """Insert a new job; if (client, request_id) exists, return that one."""
         with self._tx() as db:
@@ -233,10 +279,12 @@ class JobStore:
                 self._notify(db, stored)
             return stored
 
+    @_idempotent
     def delete(self, job_id: str, state: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM jobs WHERE job_id = ? AND state = ?", (job_id, state))
 
+    @_once
     def transition(
         self,
         job_id: str,
@@ -279,6 +327,7 @@ class JobStore:
         self._changed(cur, new)
         return new
 
+    @_idempotent
     def in_states(self, states: Iterable[str], limit: int = 1000) -> list[JobRecord]:
         states = list(states)
         with self._read() as db:
@@ -288,21 +337,25 @@ class JobStore:
             ).fetchall()
         return [JobRecord(*r) for r in rows]
 
+    @_idempotent
     def count_by_state(self) -> dict[tuple[str, str], int]:
         with self._read() as db:
             rows = db.execute("SELECT state, workload, COUNT(*) FROM jobs GROUP BY state, workload").fetchall()
         return {(r[0], r[1]): int(r[2]) for r in rows}
 
+    @_idempotent
     def outbox_backlog(self) -> int:
         with self._read() as db:
             row = db.execute("SELECT COUNT(*) FROM outbox WHERE done = 0").fetchone()
         return int(row[0]) if row else 0
 
+    @_idempotent
     def leased_by(self, miner_id: str) -> list[JobRecord]:
         with self._read() as db:
             rows = db.execute(f"{_SELECT} WHERE miner_id = ? AND state IN (?, ?)", (miner_id, *LEASED)).fetchall()
         return [JobRecord(*r) for r in rows]
 
+    @_idempotent
     def lapsed_leases(self, now: float) -> list[JobRecord]:
         with self._read() as db:
             rows = db.execute(f"{_SELECT} WHERE state IN (?, ?) AND lease_deadline < ?", (*LEASED, now)).fetchall()
@@ -338,6 +391,7 @@ class JobStore:
             )
             return int(cur.rowcount)
 
+    @_idempotent
     def expired(self, now: float, states: Iterable[str]) -> list[JobRecord]:
         states = list(states)
         with self._read() as db:
@@ -347,6 +401,7 @@ class JobStore:
             ).fetchall()
         return [JobRecord(*r) for r in rows]
 
+    @_idempotent
     def list_for_client(
         self, client_name: str, states: list[str], before: tuple[str, str] | None, limit: int
     ) -> list[JobRecord]:
@@ -364,6 +419,7 @@ class JobStore:
             rows = db.execute(sql, params).fetchall()
         return [JobRecord(*r) for r in rows]
 
+    @_idempotent
     def renew_leases(self, deadline: float) -> int:
         """Push every lease's deadline, and run-time bound, to at least
         `deadline`: its miner could deliver nothing while we were down."""
@@ -375,6 +431,7 @@ class JobStore:
             db.execute("UPDATE lease_bounds SET run_deadline = ? WHERE run_deadline < ?", (deadline, deadline))
             return int(cur.rowcount)
 
+    @_idempotent
     def extend_leases(self, miner_id: str, deadline: float) -> int:
         with self._tx() as db:
             cur = db.execute(
@@ -385,6 +442,7 @@ class JobStore:
 
     # -- miners ----------------------------------------------------------
 
+    @_once
     def register_miner(self, miner_id: str, public_key: bytes, payout_address: str) -> tuple[bytes, bool]:
         """Trust the first key a miner id presents; return the registered
         key (which the caller compares with the one presented) and whether
@@ -401,6 +459,7 @@ class JobStore:
                 db.execute("UPDATE miners SET payout_address = ? WHERE miner_id = ?", (payout_address, miner_id))
             return bytes(row[0]), created
 
+    @_once
     def rotate_miner_key(self, miner_id: str, old: bytes, new: bytes) -> bool:
         """Compare-and-set the miner's key; False if `old` is not current."""
         with self._tx() as db:
@@ -412,11 +471,13 @@ class JobStore:
             self._notify_miner(db, miner_id)
             return True
 
+    @_idempotent
     def miner_key(self, miner_id: str) -> bytes | None:
         with self._read() as db:
             row = db.execute("SELECT public_key FROM miners WHERE miner_id = ?", (miner_id,)).fetchone()
         return bytes(row[0]) if row else None
 
+    @_once
     def reset_miner_key(self, miner_id: str, new: bytes, request_id: str, by: str, reason: str) -> KeyReset | None:
         """Replace the miner's key whatever it is, once per request id.
         None if the miner id was never registered."""
@@ -443,6 +504,7 @@ class JobStore:
             self._notify_miner(db, miner_id)
             return KeyReset(old, new, applied=True)
 
+    @_once
     def record_verdict(self, miner_id: str, accepted: bool) -> tuple[int, int]:
         """Count a verdict on the miner's result; return (accepted, refused)."""
         column = "accepted" if accepted else "refused"
@@ -451,6 +513,7 @@ class JobStore:
             row = db.execute("SELECT accepted, refused FROM miners WHERE miner_id = ?", (miner_id,)).fetchone()
         return (int(row[0]), int(row[1])) if row else (0, 0)
 
+    @_idempotent
     def standing(self, miner_id: str) -> tuple[int, int]:
         with self._read() as db:
             row = db.execute("SELECT accepted, refused FROM miners WHERE miner_id = ?", (miner_id,)).fetchone()
@@ -458,6 +521,7 @@ class JobStore:
 
     # -- outbox ----------------------------------------------------------
 
+    @_idempotent
     def due_outbox(self, now: float, limit: int = 100) -> list[OutboxItem]:
         with self._read() as db:
             rows = db.execute(
@@ -467,6 +531,7 @@ class JobStore:
             ).fetchall()
         return [OutboxItem(r[0], r[1], bytes(r[2]), r[3]) for r in rows]
 
+    @_once
     def outbox_retry(self, job_id: str, kind: str, next_attempt: float, error: str) -> None:
         with self._tx() as db:
             db.execute(
@@ -475,6 +540,7 @@ class JobStore:
                 (next_attempt, error[:500], job_id, kind),
             )
 
+    @_idempotent
     def outbox_done(self, job_id: str, kind: str, *, from_states: Iterable[str], **changes: Any) -> JobRecord | None:
         """Mark an outbox item delivered and move its job, in one commit."""
         states = list(from_states)
@@ -534,30 +600,36 @@ class PostgresJobStore(JobStore):
     def __init__(self, dsn: str) -> None:
         import psycopg
 
+        from aitbc.pg import PgConnections
+
         self._psycopg = psycopg
-        self._dsn = dsn
-        self._conn = psycopg.connect(dsn, autocommit=True)
-        try:
-            with self._conn.transaction(), self._conn.cursor() as cur:
-                apply_postgres_schema(
-                    cur, SCHEMA, name="coordinator", version=SqliteJobStore.SCHEMA_VERSION, lock=self.SCHEMA_LOCK
-                )
-        except BaseException:
-            self._conn.close()
-            raise
-        self._lock = threading.Lock()
+        with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction(), conn.cursor() as cur:
+            apply_postgres_schema(
+                cur, SCHEMA, name="coordinator", version=SqliteJobStore.SCHEMA_VERSION, lock=self.SCHEMA_LOCK
+            )
+        self.health = StoreHealth("coordinator")
+        self._pg = PgConnections(dsn, name="coordinator", health=self.health, min_size=1, max_size=4)
+        # LISTEN needs a connection of its own, held while it works; a pool
+        # of one gives it the same reconnecting as the store's.
+        self._listen_pg = PgConnections(dsn, name="coordinator-listen", health=self.health, max_size=1)
         self._listener: threading.Thread | None = None
         self._stopped = threading.Event()
 
     @contextmanager
     def _read(self) -> Iterator[_PgDb]:
-        with self._lock:
-            yield _PgDb(self._conn)
+        with self._pg.connection() as conn:
+            yield _PgDb(conn)
 
     @contextmanager
     def _tx(self) -> Iterator[_PgDb]:
-        with self._lock, self._conn.transaction():
-            yield _PgDb(self._conn)
+        with self._pg.transaction() as conn:
+            yield _PgDb(conn)
+
+    def _attempts(self, fn: Callable[[], Any], *, idempotent: bool) -> Any:
+        return self._pg.run(fn, idempotent=idempotent)
+
+    def probe(self) -> None:
+        self._pg.probe()
 
     def _notify(self, db: Any, rec: JobRecord) -> None:
         db.execute("SELECT pg_notify(?, ?)", (self.CHANNEL, f"{rec.job_id}:{rec.state}"))
@@ -565,13 +637,25 @@ class PostgresJobStore(JobStore):
     def _notify_miner(self, db: Any, miner_id: str) -> None:
         db.execute("SELECT pg_notify(?, ?)", (self.MINER_CHANNEL, miner_id))
 
-    def listen(self, on_change: Callable[[str, str], None], on_miner_key: Callable[[str], None] | None = None) -> None:
+    def listen(
+        self,
+        on_change: Callable[[str, str], None],
+        on_miner_key: Callable[[str], None] | None = None,
+        on_resync: Callable[[], None] | None = None,
+    ) -> None:
+        from aitbc.dbfaults import StorageUnavailable
+
         def run() -> None:
             while not self._stopped.is_set():
                 try:
-                    with self._psycopg.connect(self._dsn, autocommit=True) as conn:
+                    with self._listen_pg.connection() as conn:
                         conn.execute(f"LISTEN {self.CHANNEL}")
                         conn.execute(f"LISTEN {self.MINER_CHANNEL}")
+                        self.health.ok()
+                        # Listening from here on; what changed before is
+                        # the caller's to re-read.
+                        if on_resync is not None:
+                            on_resync()
                         while not self._stopped.is_set():
                             for note in conn.notifies(timeout=0.5):
                                 if note.channel == self.MINER_CHANNEL:
@@ -580,8 +664,9 @@ class PostgresJobStore(JobStore):
                                     continue
                                 job_id, _, state = note.payload.partition(":")
                                 on_change(job_id, state)
-                except self._psycopg.Error:
-                    self._stopped.wait(1.0)  # the database is away: try again
+                except StorageUnavailable:
+                    # The pool reconnects, with backoff; wait for it.
+                    self._stopped.wait(0.1)
 
         self._listener = threading.Thread(target=run, name="job-notifications", daemon=True)
         self._listener.start()
@@ -590,7 +675,8 @@ class PostgresJobStore(JobStore):
         self._stopped.set()
         if self._listener is not None:
             self._listener.join(timeout=5)
-        self._conn.close()
+        self._listen_pg.close()
+        self._pg.close()
 
 
 def open_job_store(url: str) -> JobStore:

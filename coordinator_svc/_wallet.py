@@ -25,7 +25,9 @@ class WalletError(Exception):
         """What a client of the coordinator is told."""
         if self.code == grpc.StatusCode.FAILED_PRECONDITION:
             return FailedPrecondition(f"wallet refused the hold: {self.message}", reason=self.reason or "HOLD_REFUSED")
-        return Unavailable("the wallet is unavailable; retry with the same request_id", reason="WALLET_UNAVAILABLE")
+        return Unavailable(
+            "the wallet is unavailable; retry with the same request_id", reason="WALLET_UNAVAILABLE", retry_after=1.0
+        )
 
 
 class WalletClient:

@@ -13,6 +13,7 @@ from aitbc import config as cfg
 from aitbc.addresses import check_address
 from aitbc.auth import TokenTable
 from aitbc.crypto import check_public_key
+from aitbc.dbfaults import follow_health
 from aitbc.logs import setup_logging
 from aitbc.metrics import serve_metrics
 from aitbc.server import server_settings, wait_for_shutdown_signal, write_ready_file
@@ -41,7 +42,9 @@ def main(argv: list[str]) -> int:
     check_address(conf["TREASURY_ADDRESS"])
     ledger = Ledger(conf["TREASURY_ADDRESS"])
     try:
-        store = open_store(conf["DB"])
+        # The audit writes nothing: it reads a ledger on a full disk or a
+        # read-only file as well as a healthy one.
+        store = open_store(conf["DB"], read_only=command == "check")
     except SchemaMismatch as exc:
         raise SystemExit(str(exc)) from None
     if command == "check":
@@ -76,12 +79,14 @@ async def serve(conf: dict, store: LedgerStore, ledger: Ledger) -> int:
     watch_ledger(store, ledger)
     metrics = serve_metrics(conf["METRICS_PORT"], conf["METRICS_HOST"], conf["READY_FILE"])
     await service.start()
+    health = asyncio.create_task(follow_health(store, service.set_serving))
     try:
         write_ready_file(conf["READY_FILE"], port)
         log.info("wallet_listening", port=port, db=_redact(conf["DB"]), metrics_port=metrics or None)
         sig = await wait_for_shutdown_signal()
         log.info("wallet_stopping", signal=sig)
     finally:
+        health.cancel()
         await service.stop(conf["SHUTDOWN_GRACE"])
         store.close()
     log.info("wallet_stopped")

@@ -13,6 +13,16 @@ guarded by x >= amount) and closes holds with a compare-and-set, so row
 locks queue concurrent writers instead of aborting them; unique-key races
 (two processes applying one request id) and deadlocks are retried from the
 start. Audits (`check`) read one REPEATABLE READ snapshot.
+
+Faults (see aitbc.dbfaults, aitbc.pg): a lost PostgreSQL connection fails
+the batch, which runs again on a new connection until the outage is
+RETRY_SECS old, then answers UNAVAILABLE; a full or read-only SQLite file
+answers UNAVAILABLE at once. Running a batch again is safe even when the
+connection was lost during its COMMIT (so it may have committed): every
+ledger write is keyed (mint and transfer by request id, holds by job id,
+a settlement by job id and the settlement's digest, a release by job id,
+an account by its key) and a second run finds the first one's result and
+answers the same. Audits open the store read-only (`read_only`).
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,7 +38,8 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from aitbc.sqlite import SqliteStore, apply_postgres_schema
+from aitbc.dbfaults import StoreHealth
+from aitbc.sqlite import SchemaMismatch, SqliteStore, apply_postgres_schema
 from wallet_svc._ledger import Tx
 
 T = TypeVar("T")
@@ -95,6 +107,10 @@ class LedgerStore:
 
     MAX_BATCH = 256
     RETRYABLE: tuple[type[BaseException], ...] = ()
+    # Errors of the storage, not of an operation: they fail (or rerun) the
+    # whole batch, whose transaction is gone with them.
+    LOST: tuple[type[BaseException], ...] = ()
+    health: StoreHealth
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[tuple[Op[Any], asyncio.Future[Any]] | None] = queue.SimpleQueue()
@@ -108,6 +124,14 @@ class LedgerStore:
     def call(self, op: Op[T], *, snapshot: bool = False) -> T:
         """Run op in one transaction now; snapshot=True: every statement sees
         the same committed state (for audits)."""
+        raise NotImplementedError
+
+    def _attempts(self, fn: Callable[[], T]) -> T:
+        """fn(), run again after a lost connection where the store can."""
+        return fn()
+
+    def probe(self) -> None:
+        """Try the database once; self.health follows (aitbc.dbfaults)."""
         raise NotImplementedError
 
     async def run(self, op: Op[T]) -> T:
@@ -140,6 +164,13 @@ class LedgerStore:
             self._loop.call_soon_threadsafe(_resolve, [fut for _, fut in batch], outcomes)
 
     def _commit_batch(self, ops: list[Op[Any]]) -> list[tuple[bool, Any]]:
+        try:
+            # Safe to run again whatever point it failed at: see the module.
+            return self._attempts(lambda: self._try_batch(ops))
+        except Exception as exc:  # the batch failed as a whole (a storage fault)
+            return [(False, exc)] * len(ops)
+
+    def _try_batch(self, ops: list[Op[Any]]) -> list[tuple[bool, Any]]:
         for attempt in range(20):
             outcomes: list[tuple[bool, Any]] = []
             try:
@@ -149,8 +180,6 @@ class LedgerStore:
                 return outcomes
             except self.RETRYABLE:
                 time.sleep(random.uniform(0, 0.002 * (attempt + 1)))
-            except Exception as exc:  # the commit itself failed: nothing happened
-                return [(False, exc)] * len(ops)
         return [(False, RuntimeError("ledger batch kept conflicting"))] * len(ops)
 
     def _one(self, op: Op[Any], tx: Tx, raw: Callable[[str], object]) -> tuple[bool, Any]:
@@ -166,6 +195,8 @@ class LedgerStore:
                 raw("RELEASE SAVEPOINT op")
                 time.sleep(random.uniform(0, 0.001 * (attempt + 1)))
                 continue
+            except self.LOST:
+                raise
             except Exception as exc:  # one operation's failure is its own
                 raw("ROLLBACK TO SAVEPOINT op")
                 raw("RELEASE SAVEPOINT op")
@@ -212,9 +243,10 @@ class _SqliteTx:
 class SqliteLedgerStore(SqliteStore, LedgerStore):
     SCHEMA = SQLITE_SCHEMA
     SCHEMA_VERSION = 3
+    LOST = (sqlite3.OperationalError,)
 
-    def __init__(self, path: Path) -> None:
-        SqliteStore.__init__(self, path)
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        SqliteStore.__init__(self, path, read_only=read_only)
         LedgerStore.__init__(self)
 
     def call(self, op: Op[T], *, snapshot: bool = False) -> T:
@@ -258,8 +290,10 @@ class _PgTx:
 class PostgresLedgerStore(LedgerStore):
     SCHEMA_LOCK = 0x41495442  # "AITB": serialises schema creation across processes
 
-    def __init__(self, dsn: str, pool_size: int = 4) -> None:
+    def __init__(self, dsn: str, pool_size: int = 4, *, read_only: bool = False) -> None:
         import psycopg
+
+        from aitbc.pg import PgConnections
 
         super().__init__()
         self.RETRYABLE = (
@@ -267,52 +301,84 @@ class PostgresLedgerStore(LedgerStore):
             psycopg.errors.DeadlockDetected,
             psycopg.errors.UniqueViolation,
         )
+        self.LOST = (psycopg.OperationalError,)
+        self.read_only = read_only
         with psycopg.connect(dsn, autocommit=False) as conn:
             with conn.cursor() as cur:
-                apply_postgres_schema(
-                    cur, SQLITE_SCHEMA, name="wallet", version=SqliteLedgerStore.SCHEMA_VERSION, lock=self.SCHEMA_LOCK
-                )
+                if read_only:
+                    _check_postgres_version(cur)
+                else:
+                    apply_postgres_schema(
+                        cur,
+                        SQLITE_SCHEMA,
+                        name="wallet",
+                        version=SqliteLedgerStore.SCHEMA_VERSION,
+                        lock=self.SCHEMA_LOCK,
+                    )
             conn.commit()
-        # The writer thread's own connection, and a small pool for call().
-        self._writer_conn = psycopg.connect(dsn, autocommit=False)
-        self._pool: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        for _ in range(pool_size):
-            self._pool.put(psycopg.connect(dsn, autocommit=False))
-        self._size = pool_size
+        self.health = StoreHealth("wallet")
+        # The writer thread's connection and call()'s, from one pool.
+        self._pg = PgConnections(dsn, name="wallet", health=self.health, min_size=2, max_size=pool_size + 1)
 
     @contextmanager
     def _batch_tx(self) -> Iterator[tuple[Tx, Callable[[str], object]]]:
-        conn = self._writer_conn
-        with conn.transaction(), conn.cursor() as cur:
+        with self._pg.transaction() as conn, conn.cursor() as cur:
             yield _PgTx(cur), lambda sql: cur.execute(sql)
 
+    def _attempts(self, fn: Callable[[], T]) -> T:
+        return self._pg.run(fn, idempotent=True)
+
     def call(self, op: Op[T], *, snapshot: bool = False) -> T:
-        conn = self._pool.get()
-        try:
-            for attempt in range(100):
-                try:
-                    with conn.transaction(), conn.cursor() as cur:
-                        if snapshot:
-                            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                        return op(_PgTx(cur))
-                except self.RETRYABLE:
-                    # Another process touched the same rows: run again from
-                    # the start; the loser of a race sees the winner's write.
-                    time.sleep(random.uniform(0, 0.002 * (attempt + 1)))
-            raise RuntimeError("ledger transaction kept conflicting; giving up after 100 attempts")
-        finally:
-            self._pool.put(conn)
+        return self._attempts(lambda: self._call_once(op, snapshot))
+
+    def _call_once(self, op: Op[T], snapshot: bool) -> T:
+        for attempt in range(100):
+            try:
+                with self._pg.transaction() as conn, conn.cursor() as cur:
+                    if snapshot or self.read_only:
+                        cur.execute(
+                            "SET TRANSACTION ISOLATION LEVEL "
+                            + ("REPEATABLE READ" if snapshot else "READ COMMITTED")
+                            + (", READ ONLY" if self.read_only else "")
+                        )
+                    return op(_PgTx(cur))
+            except self.RETRYABLE:
+                # Another process touched the same rows: run again from
+                # the start; the loser of a race sees the winner's write.
+                time.sleep(random.uniform(0, 0.002 * (attempt + 1)))
+        raise RuntimeError("ledger transaction kept conflicting; giving up after 100 attempts")
+
+    def probe(self) -> None:
+        self._pg.probe()
 
     def close(self) -> None:
         self._stop_writer()
-        self._writer_conn.close()
-        for _ in range(self._size):
-            self._pool.get().close()
+        self._pg.close()
 
 
-def open_store(url: str | Path) -> LedgerStore:
-    """`postgresql://…` opens PostgreSQL; anything else is a SQLite path."""
+def _check_postgres_version(cur: Any) -> None:
+    """The read-only twin of apply_postgres_schema: refuse a database
+    without the wallet's tables, or of another version, writing nothing."""
+    cur.execute("SELECT to_regclass('aitbc_schema') IS NOT NULL")
+    row = cur.fetchone()
+    version = None
+    if row and row[0]:
+        cur.execute("SELECT version FROM aitbc_schema WHERE name = 'wallet'")
+        found = cur.fetchone()
+        version = int(found[0]) if found else None
+    if version is None:
+        raise SchemaMismatch("the database holds no wallet ledger")
+    if version != SqliteLedgerStore.SCHEMA_VERSION:
+        raise SchemaMismatch(
+            f"the database has wallet schema version {version}, this build expects "
+            f"{SqliteLedgerStore.SCHEMA_VERSION}: migrate it first"
+        )
+
+
+def open_store(url: str | Path, *, read_only: bool = False) -> LedgerStore:
+    """`postgresql://…` opens PostgreSQL; anything else is a SQLite path.
+    read_only: for audits, writing nothing (not even the schema)."""
     text = str(url)
     if text.startswith(("postgresql://", "postgres://")):
-        return PostgresLedgerStore(text)
-    return SqliteLedgerStore(Path(text))
+        return PostgresLedgerStore(text, read_only=read_only)
+    return SqliteLedgerStore(Path(text), read_only=read_only)
