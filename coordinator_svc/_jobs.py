@@ -157,6 +157,10 @@ class MinerSession:
     draining: bool = False
     # The latest GPU telemetry from its heartbeats.
     telemetry: list[Any] = field(default_factory=list)
+    # The indexes of the GPUs its hello declared: telemetry for others is
+    # dropped (counted here), so its metric labels are bounded by its hello.
+    gpus: frozenset[int] = frozenset()
+    undeclared_telemetry: int = 0
     # 0..1 from its record of accepted and refused results (see reputation()).
     reputation: float = 0.5
     # The sidecar's release as a bounded metric label (see _metrics.version_label).
@@ -922,13 +926,32 @@ class Coordinator:
                     )
         for up in session.uploads.values():
             up.path.unlink(missing_ok=True)
-        if self.sessions.get(session.miner_id) is None:
-            M.forget_gpus(session.miner_id, session.telemetry)
-        log.info("miner_left", miner_id=session.miner_id, reason=reason)
+        # Its GPUs' labels go with it; those a newer stream of the same miner
+        # declared too are that stream's now.
+        current = self.sessions.get(session.miner_id)
+        M.forget_gpus(session.miner_id, session.gpus - (current.gpus if current is not None else frozenset()))
+        log.info(
+            "miner_left", miner_id=session.miner_id, reason=reason,
+            undeclared_telemetry=session.undeclared_telemetry or None,
+        )  # fmt: skip
         self.wake()
 
     async def heartbeat(self, session: MinerSession, draining: bool = False, telemetry: Any = ()) -> None:
-        session.telemetry = list(telemetry)
+        declared: dict[int, Any] = {}
+        undeclared = 0
+        for t in telemetry:
+            if t.index in session.gpus:
+                declared[t.index] = t
+            else:
+                undeclared += 1
+        if undeclared:
+            if not session.undeclared_telemetry:  # once per stream: a flood must not flood the log too
+                log.warning(
+                    "telemetry_undeclared_gpus", miner_id=session.miner_id, declared=sorted(session.gpus),
+                    dropped=undeclared,
+                )  # fmt: skip
+            session.undeclared_telemetry += undeclared
+        session.telemetry = list(declared.values())
         M.gpu_telemetry(session.miner_id, session.telemetry)
         if draining and not session.draining:
             session.draining = True
