@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -57,12 +58,30 @@ class TempPostgres:
     def start(self) -> TempPostgres:
         data = self.dir / "data"
         self._run("initdb", "-D", str(data), "-A", "trust", "-U", self.user, "-E", "UTF8", "--no-sync")
+        self._start()
+        return self
+
+    def _start(self) -> None:
         self._run(
-            "pg_ctl", "-D", str(data), "-l", str(self.dir / "log"), "-w", "-t", "60",
+            "pg_ctl", "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w", "-t", "60",
             "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=200",
             "start",
         )  # fmt: skip
-        return self
+
+    def restart(self, down_secs: float = 0.0) -> None:
+        """Crash the server (`-m immediate`: every connection cut, no
+        checkpoint, crash recovery on start) and start it again on the same
+        port, after down_secs without one. Returns once it accepts
+        connections."""
+        if not down_secs:
+            self._run(
+                "pg_ctl", "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-m", "immediate",
+                "-w", "-t", "60", "restart",
+            )  # fmt: skip
+            return
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", "immediate", "-w", "stop")
+        time.sleep(down_secs)
+        self._start()
 
     def dsn(self, dbname: str = "postgres") -> str:
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{dbname}"
