@@ -55,6 +55,9 @@ HOLD_SWEEP_SECS = 10.0
 BOUNDS_SWEEP_SECS = 60.0
 # A slow link for a run-time bound: a result's upload at a megabyte a second.
 UPLOAD_BYTES_PER_SEC = 1e6
+# Progress shown to a job's watchers at most this often, cut to this length.
+PROGRESS_INTERVAL = 0.25
+MAX_PROGRESS_MESSAGE = 200
 # uait per run, and per unit: MFLOP (matmul), token (llm_gen), text (embed),
 # kilopixel-step (sd_infer).
 DEFAULT_PRICES = {"matmul": (1000, 1), "llm_gen": (1000, 10), "embed": (500, 100), "sd_infer": (2000, 1)}
@@ -215,13 +218,48 @@ def why_unplaceable(workload: str, model: str, req: cpb.Requirements, sessions: 
     return "no connected miner meets the requirements"
 
 
+class WatchSlot:
+    """The newest snapshot of a job that one watcher has not taken yet. A
+    watcher that reads slowly, or not at all, holds this one record however
+    many changes it misses (a queue held every one: hundreds of MiB under a
+    progress flood), and sees the latest when it reads again. The job's end
+    is never replaced by an older snapshot."""
+
+    def __init__(self) -> None:
+        self._rec: JobRecord | None = None
+        self._ready = asyncio.Event()
+
+    def offer(self, rec: JobRecord) -> None:
+        held = self._rec
+        if held is not None and not _supersedes(rec, held):
+            return
+        self._rec = rec
+        self._ready.set()
+
+    async def take(self) -> JobRecord:
+        while self._rec is None:
+            self._ready.clear()
+            await self._ready.wait()
+        rec, self._rec = self._rec, None
+        return rec
+
+
+def _supersedes(rec: JobRecord, held: JobRecord) -> bool:
+    """Whether `rec` may replace `held` in a slot. Snapshots can arrive out
+    of order (a re-read that started before a transition lands after it)."""
+    if (rec.state in st.TERMINAL) != (held.state in st.TERMINAL):
+        return rec.state in st.TERMINAL
+    # Equal times: the same state re-read to show newer progress.
+    return rec.update_time >= held.update_time
+
+
 class WatchHub:
     def __init__(self) -> None:
-        self._subs: dict[str, set[asyncio.Queue[JobRecord]]] = {}
+        self._subs: dict[str, set[WatchSlot]] = {}
 
     def publish(self, rec: JobRecord) -> None:
-        for q in self._subs.get(rec.job_id, ()):
-            q.put_nowait(rec)
+        for slot in self._subs.get(rec.job_id, ()):
+            slot.offer(rec)
 
     def watching(self, job_id: str) -> bool:
         return job_id in self._subs
@@ -229,15 +267,15 @@ class WatchHub:
     def watched(self) -> list[str]:
         return list(self._subs)
 
-    def subscribe(self, job_id: str) -> asyncio.Queue[JobRecord]:
-        q: asyncio.Queue[JobRecord] = asyncio.Queue()
-        self._subs.setdefault(job_id, set()).add(q)
-        return q
+    def subscribe(self, job_id: str) -> WatchSlot:
+        slot = WatchSlot()
+        self._subs.setdefault(job_id, set()).add(slot)
+        return slot
 
-    def unsubscribe(self, job_id: str, q: asyncio.Queue[JobRecord]) -> None:
+    def unsubscribe(self, job_id: str, slot: WatchSlot) -> None:
         subs = self._subs.get(job_id)
         if subs is not None:
-            subs.discard(q)
+            subs.discard(slot)
             if not subs:
                 del self._subs[job_id]
 
@@ -270,6 +308,8 @@ class Coordinator:
         self._inflight: set[asyncio.Task[None]] = set()
         # job id -> (fraction, message) of running jobs whose miner is here.
         self.progress_of: dict[str, tuple[float, str]] = {}
+        # Jobs whose progress is due to be shown to their watchers.
+        self._progress_due: set[str] = set()
         # job id -> when it (last) became QUEUED here, for dispatch latency.
         self._queued_at: dict[str, float] = {}
         store.on_transition = self._count_transition
@@ -615,21 +655,21 @@ class Coordinator:
 
     async def watch(self, caller: Principal, job_id: str) -> AsyncIterator[JobRecord]:
         await self.get(caller, job_id)
-        q = self.watch_hub.subscribe(job_id)
+        slot = self.watch_hub.subscribe(job_id)
         try:
             rec = await self.get(caller, job_id)
             last = rec.update_time, rec.state
             shown = self.progress_of.get(job_id)
             yield rec
             while rec.state not in st.TERMINAL:
-                rec = await q.get()
+                rec = await slot.take()
                 progress = self.progress_of.get(job_id)
                 if (rec.update_time, rec.state) < last or ((rec.update_time, rec.state) == last and progress == shown):
                     continue  # stale, or nothing new to show
                 last, shown = (rec.update_time, rec.state), progress
                 yield rec
         finally:
-            self.watch_hub.unsubscribe(job_id, q)
+            self.watch_hub.unsubscribe(job_id, slot)
 
     # -- dispatch ---------------------------------------------------------
 
@@ -974,9 +1014,20 @@ class Coordinator:
         if entry is None:
             return
         job_id = entry[0]
-        self.progress_of[job_id] = (min(1.0, max(0.0, p.fraction)), p.message[:200])
-        if self.watch_hub.watching(job_id):
-            self.spawn(self._republish(job_id))
+        self.progress_of[job_id] = (min(1.0, max(0.0, p.fraction)), p.message[:MAX_PROGRESS_MESSAGE])
+        if self.watch_hub.watching(job_id) and job_id not in self._progress_due:
+            # One snapshot per job per PROGRESS_INTERVAL however fast a miner
+            # reports: each costs a store read and a send to every watcher.
+            # The last report of a burst is shown, an interval later.
+            self._progress_due.add(job_id)
+            self.spawn(self._show_progress(job_id))
+
+    async def _show_progress(self, job_id: str) -> None:
+        try:
+            await asyncio.sleep(PROGRESS_INTERVAL)
+        finally:
+            self._progress_due.discard(job_id)
+        await self._republish(job_id)
 
     async def accepted(self, session: MinerSession, lease_id: str) -> None:
         job_id = self._lease_of(session, lease_id)
