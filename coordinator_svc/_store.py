@@ -361,6 +361,7 @@ class JobStore:
             rows = db.execute(f"{_SELECT} WHERE state IN (?, ?) AND lease_deadline < ?", (*LEASED, now)).fetchall()
         return [JobRecord(*r) for r in rows]
 
+    @_idempotent
     def overrun_leases(self, now: float) -> list[JobRecord]:
         """Leased jobs past their run-time bound."""
         with self._read() as db:
@@ -371,6 +372,7 @@ class JobStore:
             ).fetchall()
         return [JobRecord(*r) for r in rows]
 
+    @_idempotent
     def run_deadlines(self, lease_ids: Iterable[str]) -> dict[str, float]:
         ids = list(lease_ids)
         if not ids:
@@ -382,6 +384,7 @@ class JobStore:
             ).fetchall()
         return {r[0]: float(r[1]) for r in rows}
 
+    @_idempotent
     def forget_lease_bounds(self) -> int:
         """Drop the bounds of leases that ended (results, lapses, cancels)."""
         with self._tx() as db:
