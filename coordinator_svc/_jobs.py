@@ -58,6 +58,11 @@ UPLOAD_BYTES_PER_SEC = 1e6
 # Progress shown to a job's watchers at most this often, cut to this length.
 PROGRESS_INTERVAL = 0.25
 MAX_PROGRESS_MESSAGE = 200
+# Answers a miner may leave unread before it is sent no more answers it did
+# not need; stale lease ids logged per stream, and echoed at most this long.
+MAX_UNREAD = 64
+LOGGED_STALE_LEASES = 16
+LEASE_ID_ECHO = 64
 # uait per run, and per unit: MFLOP (matmul), token (llm_gen), text (embed),
 # kilopixel-step (sd_infer).
 DEFAULT_PRICES = {"matmul": (1000, 1), "llm_gen": (1000, 10), "embed": (500, 100), "sd_infer": (2000, 1)}
@@ -164,6 +169,8 @@ class MinerSession:
     # dropped (counted here), so its metric labels are bounded by its hello.
     gpus: frozenset[int] = frozenset()
     undeclared_telemetry: int = 0
+    # Messages naming a lease it does not hold (logged only the first few).
+    stale_leases: int = 0
     # 0..1 from its record of accepted and refused results (see reputation()).
     reputation: float = 0.5
     # The sidecar's release as a bounded metric label (see _metrics.version_label).
@@ -972,7 +979,7 @@ class Coordinator:
         M.forget_gpus(session.miner_id, session.gpus - (current.gpus if current is not None else frozenset()))
         log.info(
             "miner_left", miner_id=session.miner_id, reason=reason,
-            undeclared_telemetry=session.undeclared_telemetry or None,
+            undeclared_telemetry=session.undeclared_telemetry or None, stale_leases=session.stale_leases or None,
         )  # fmt: skip
         self.wake()
 
@@ -1005,7 +1012,9 @@ class Coordinator:
     def _lease_of(self, session: MinerSession, lease_id: str) -> str | None:
         entry = session.leases.get(lease_id)
         if entry is None:
-            log.warning("stale_lease_refused", miner_id=session.miner_id, lease_id=lease_id)
+            session.stale_leases += 1
+            if session.stale_leases <= LOGGED_STALE_LEASES:  # then only counted, in miner_left
+                log.warning("stale_lease_refused", miner_id=session.miner_id, lease_id=lease_id[:LEASE_ID_ECHO])
             return None
         return entry[0]
 
@@ -1060,7 +1069,12 @@ class Coordinator:
         lease_id = res.lease_id
         job_id = self._lease_of(session, lease_id)
         if job_id is None:
-            await self._ack(session, lease_id, "VERDICT_UNSPECIFIED", "stale or unknown lease: result refused")
+            # Told so only while it reads what it is sent: a miner that floods
+            # results for leases it does not hold and never reads would have
+            # each answer queued for it (each echoing an id of its choosing).
+            if session.outbox.qsize() < MAX_UNREAD:
+                await self._ack(session, lease_id[:LEASE_ID_ECHO], "VERDICT_UNSPECIFIED",
+                                "stale or unknown lease: result refused")  # fmt: skip
             return
         # A result that races its token's revocation is not paid: the sweep
         # may not have closed the stream yet, so look at the tokens file now
