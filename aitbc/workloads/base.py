@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 from aitbc.errors import InvalidArgument
@@ -71,14 +72,32 @@ class Workload(ABC, Generic[P]):
     def max_output_size(self, params: P) -> int:
         """Uploads beyond this many bytes are refused mid-stream."""
 
+    def exact_output_size(self, params: P) -> int | None:
+        """The one size a correct output has, where the spec fixes it: an
+        upload of any other size is refused before it is read."""
+        return None
+
+    def check_memory(self, params: P, size: int) -> int:
+        """Most bytes check_file() and agree_files() hold at once for an
+        output of `size` bytes: what the coordinator's check budget counts.
+        By default they read outputs whole and parse them (a few copies)."""
+        return 8 * size + 2**20
+
     @abstractmethod
     def check(self, params: P, output: bytes) -> Check:
         """What every output must pass (form, sizes, and for self-checking
         workloads, correctness)."""
 
+    def check_file(self, params: P, path: Path) -> Check:
+        """check() of an output on disk; workloads with large outputs stream it."""
+        return self.check(params, path.read_bytes())
+
     @abstractmethod
     def agree(self, params: P, a: bytes, b: bytes) -> Check:
         """Whether two outputs that each passed check() are the same result."""
+
+    def agree_files(self, params: P, a: Path, b: Path) -> Check:
+        return self.agree(params, a.read_bytes(), b.read_bytes())
 
 
 def check_text(value: str, field: str, *, max_bytes: int, allow_empty: bool = False) -> str:
