@@ -31,6 +31,7 @@ from tests.conftest import Network, md
 #   replay_receipt  the peer's output and its signed receipt, verbatim
 #   flipped_byte  a byte of the signed receipt flipped
 #   other_key     receipt signed by a key other than the registered one
+#   bad_times     honest matmul, but a receipt with times no clock can show
 
 
 class CheatingMiner:
@@ -129,6 +130,9 @@ class CheatingMiner:
         body.output_sha256, body.output_size_bytes = crypto.sha256(data), len(data)
         if self.mode == "honest":
             self.shared["result"] = (data, body)
+        if self.mode == "bad_times":
+            body.usage.run_duration.seconds = -5
+            body.finish_time.nanos = -1
         signer = crypto.KeyPair.generate() if self.mode == "other_key" else self.key
         receipt = seal(body, crypto.RECEIPT_DOMAIN, signer)
         if self.mode == "honest":
