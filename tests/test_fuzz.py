@@ -49,7 +49,7 @@ _EDGES = [0, -1, 1, 2**31 - 1, -(2**31), 2**31, 2**32 - 1, 2**63 - 1, -(2**63), 
 INTS = {
     cpp: st.one_of(
         st.sampled_from([v for v in _EDGES if low <= v <= high]),
-        st.integers(-3, 3).filter(lambda v, low=low: v >= low),
+        st.integers(max(-3, low), 3),
         st.integers(1, 1_000_000),
         st.integers(low, high),
     )
