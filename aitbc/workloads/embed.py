@@ -24,6 +24,35 @@ MAX_TEXT_BYTES = 8192
 MAX_DIMENSIONS = 4096
 TOLERANCE = 1e-3
 NORM_TOLERANCE = 1e-3
+# The vector length of each model this network embeds with: the
+# coordinator's own knowledge, like its price table, never a miner's word.
+# Taking the first run's length instead would let two colluding miners
+# agree on 1-dimensional vectors (each +-1.0, a unit vector) and be paid; a
+# job for a model not listed here is refused at submit. A coordinator adds
+# models with its EMBED_MODELS option (register_models).
+MODEL_DIMENSIONS: dict[str, int] = {DEFAULT_MODEL: 384}
+
+
+def register_models(dimensions: dict[str, int]) -> None:
+    """Add embed models (name -> vector length) to those jobs may name."""
+    for name, dims in dimensions.items():
+        check_model_name(name, "EMBED_MODELS")
+        if not 1 <= dims <= MAX_DIMENSIONS:
+            raise ValueError(f"EMBED_MODELS: {name} has {dims} dimensions, outside 1..{MAX_DIMENSIONS}")
+    MODEL_DIMENSIONS.update(dimensions)
+
+
+def parse_models(text: str) -> dict[str, int]:
+    """ "name=dimensions,…" (the EMBED_MODELS option)."""
+    out: dict[str, int] = {}
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        name, eq, dims = entry.partition("=")
+        if not eq or not dims.strip().isdigit():
+            raise ValueError(f"EMBED_MODELS entry {entry!r} is not name=dimensions")
+        out[name.strip()] = int(dims)
+    return out
 
 
 @dataclass(frozen=True)
@@ -42,6 +71,13 @@ class Embed(Workload[EmbedParams]):
     def params(self, spec: coordinator_pb2.JobSpec) -> EmbedParams:
         p = spec.embed
         model = check_model_name(p.model or DEFAULT_MODEL, "spec.embed.model")
+        if model not in MODEL_DIMENSIONS:
+            raise InvalidArgument(
+                f"spec.embed.model {model!r} is not one this coordinator knows the vector length of "
+                f"({', '.join(sorted(MODEL_DIMENSIONS))})",
+                field="spec.embed.model",
+                reason="UNKNOWN_MODEL",
+            )
         if not 1 <= len(p.texts) <= MAX_TEXTS:
             raise InvalidArgument(
                 f"spec.embed.texts must hold 1..{MAX_TEXTS} texts, got {len(p.texts)}", field="spec.embed.texts"
@@ -56,12 +92,16 @@ class Embed(Workload[EmbedParams]):
     def work_units(self, params: EmbedParams) -> int:
         return len(params.texts)
 
+    def dimensions(self, params: EmbedParams) -> int:
+        return MODEL_DIMENSIONS.get(params.model, 0)
+
     def max_output_size(self, params: EmbedParams) -> int:
-        return 16 + len(params.texts) * MAX_DIMENSIONS * 4
+        # The packed floats, their field's tag and length, the dimensions field.
+        return 32 + len(params.texts) * (self.dimensions(params) or MAX_DIMENSIONS) * 4
 
     def vectors(self, params: EmbedParams, output: bytes) -> np.ndarray | None:
         out = parse_output(workloads_pb2.EmbedOutput, output)
-        if out is None or not 1 <= out.dimensions <= MAX_DIMENSIONS:
+        if out is None or out.dimensions != self.dimensions(params):
             return None
         if len(out.values) != out.dimensions * len(params.texts):
             return None
@@ -70,7 +110,8 @@ class Embed(Workload[EmbedParams]):
     def check(self, params: EmbedParams, output: bytes) -> Check:
         v = self.vectors(params, output)
         if v is None:
-            return Check(False, f"output is not {len(params.texts)} vectors of 1..{MAX_DIMENSIONS} dimensions")
+            dims = self.dimensions(params)
+            return Check(False, f"output is not {len(params.texts)} vectors of {dims} dimensions ({params.model})")
         if not np.isfinite(v).all():
             return Check(False, "output holds NaN or infinity")
         worst = float(np.abs(np.linalg.norm(v.astype(np.float64), axis=1) - 1.0).max())

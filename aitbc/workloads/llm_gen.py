@@ -22,6 +22,8 @@ PROMPT_BYTES_PER_TOKEN = 4
 # Most bytes one generated token can decode to, for the upload limit
 # (generous: an honest output cut off here would be refused as bad).
 MAX_BYTES_PER_TOKEN = 256
+# Tokens a tokenizer may add to a prompt beyond one per byte (BOS, EOS, ...).
+MAX_SPECIAL_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,11 @@ class LlmGen(Workload[LlmGenParams]):
             return Check(False, f"{len(out.token_ids)} tokens generated, more than the {params.max_new_tokens} asked")
         if out.prompt_tokens == 0:
             return Check(False, "output says the prompt has no tokens")
+        # No tokenizer makes more tokens than bytes, bar a few special ones.
+        if out.prompt_tokens > len(params.prompt.encode()) + MAX_SPECIAL_TOKENS:
+            return Check(False, f"output says the prompt has {out.prompt_tokens} tokens, more than its bytes")
+        if len(out.text.encode()) > len(out.token_ids) * MAX_BYTES_PER_TOKEN:
+            return Check(False, f"{len(out.text.encode())} bytes of text from {len(out.token_ids)} tokens")
         return Check(True, f"{len(out.token_ids)} tokens")
 
     def agree(self, params: LlmGenParams, a: bytes, b: bytes) -> Check:
