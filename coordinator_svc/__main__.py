@@ -11,11 +11,13 @@ from aitbc import config as cfg
 from aitbc.auth import TokenTable
 from aitbc.crypto import load_or_create_key
 from aitbc.dbfaults import follow_health
+from aitbc.errors import AitbcError
 from aitbc.logs import setup_logging
 from aitbc.metrics import serve_metrics
 from aitbc.server import server_settings, wait_for_shutdown_signal, write_ready_file
 from aitbc.sqlite import SchemaMismatch
 from aitbc.tls import TlsConfig
+from aitbc.workloads import embed
 from coordinator_svc._jobs import Coordinator, Settings, parse_prices
 from coordinator_svc._metrics import watch_sidecar_versions, watch_store
 from coordinator_svc._store import open_job_store
@@ -40,8 +42,11 @@ def main(argv: list[str]) -> int:
 async def serve(conf: dict) -> int:
     try:
         prices = parse_prices(conf["PRICES"])
-    except ValueError as exc:
+        embed.register_models(embed.parse_models(conf["EMBED_MODELS"]))
+    except (ValueError, AitbcError) as exc:
         raise SystemExit(str(exc)) from None
+    if conf["CHECK_MEMORY_BYTES"] < 2**20 or conf["CHECK_THREADS"] < 1:
+        raise SystemExit("CHECK_MEMORY_BYTES must be at least 1 MiB and CHECK_THREADS at least 1")
     settings = Settings(
         network_id=conf["NETWORK_ID"],
         heartbeat_secs=conf["HEARTBEAT_SECS"],
@@ -52,6 +57,9 @@ async def serve(conf: dict) -> int:
         run_bound_factor=conf["RUN_BOUND_FACTOR"],
         run_bound_floor_secs=conf["RUN_BOUND_FLOOR_SECS"],
         max_result_bytes=conf["MAX_RESULT_BYTES"],
+        check_memory_bytes=conf["CHECK_MEMORY_BYTES"],
+        check_threads=conf["CHECK_THREADS"],
+        referee_wait_secs=conf["REFEREE_WAIT_SECS"],
         prices=prices,
     )
     try:

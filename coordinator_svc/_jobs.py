@@ -41,11 +41,13 @@ from aitbc.timeutil import ts_from_datetime, ts_now
 from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import signing_pb2
 from aitbc.wellformed import check_timestamp
+from aitbc.workloads.base import Check
 from aitbc.workloads.registry import MAX_SPEC_BYTES, WORKLOADS, policy_of, workload_of
 from coordinator_svc import _metrics as M
 from coordinator_svc import _store as st
+from coordinator_svc._checks import CheckRunner, independent, pick_at_random
 from coordinator_svc._store import JobRecord, JobStore
-from coordinator_svc._verify import ACCEPTED, DISAGREED, PENDING, check_result
+from coordinator_svc._verify import ACCEPTED, BAD_OUTPUT, DISAGREED, PENDING, check_result, unread_size_problem
 from coordinator_svc._wallet import WalletClient, WalletError
 
 log = structlog.get_logger()
@@ -96,6 +98,15 @@ class Run:
     verdict: str
     detail: str = ""
     reputation: float = 0.0
+    # The miner's operator where its token names one (see _checks.operator_of).
+    operator: str = ""
+    # Runs whose outputs agree share a group; two groups among the pending
+    # runs are a disagreement, and every run after it is a referee's.
+    group: int = 0
+    referee: bool = False
+    # Epoch seconds the result was judged: a disagreement waits for a
+    # referee at most REFEREE_WAIT_SECS from its latest run.
+    returned_at: float = 0.0
 
 
 def load_runs(rec: JobRecord) -> list[Run]:
@@ -127,6 +138,13 @@ class Settings:
     # Largest output a job may return: its upload lands on disk and its
     # check reads it whole, so this bounds both per job.
     max_result_bytes: int = 64 * 2**20
+    # What the output checks in flight may hold together, and the threads
+    # they run on (see _checks).
+    check_memory_bytes: int = 128 * 2**20
+    check_threads: int = 2
+    # How long a disagreement waits for an independent referee before the
+    # job ends refunded, nobody paid or penalised.
+    referee_wait_secs: float = 600.0
 
 
 @dataclass
@@ -146,6 +164,8 @@ class MinerSession:
     slots: int
     gpu: bool
     max_vram: int
+    # Who runs it, where its token's name says (see _checks.operator_of).
+    operator: str = ""
     # "workload/name" of each model it holds.
     models: frozenset[str] = frozenset()
     # Assignments it queues beyond its slots, preparing them meanwhile.
@@ -306,6 +326,9 @@ class Coordinator:
         self.watch_hub = WatchHub()
         self.sessions: dict[str, MinerSession] = {}
         self._db_exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobstore")
+        self.checks = CheckRunner(settings.check_memory_bytes, settings.check_threads)
+        # job id -> when its wait for a referee ends (epoch), while it waits.
+        self._referee_due: dict[str, float] = {}
         self._wake = asyncio.Event()
         self._outbox_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -379,6 +402,7 @@ class Coordinator:
             with suppress(asyncio.CancelledError):
                 await t
         self._db_exec.shutdown(wait=True)
+        self.checks.shutdown()
 
     async def _recover(self) -> None:
         """Resume every job from its persisted state after a restart."""
@@ -702,14 +726,34 @@ class Coordinator:
                 continue
             refused = set(rec.refused_miners.split())
             eligible = [s for s in sessions if s.accepts_work and s.miner_id not in refused]
+            # Runs of one job go to miners independent of its earlier runs:
+            # one payout address or operator agreeing with itself proves nothing.
+            runs = load_runs(rec) if rec.runs_needed > 1 else []
+            eligible = [s for s in eligible if independent(s, runs)]
             capable = [s for s in eligible if s.can_run(rec.workload, model, req)]
             free = [s for s in capable if s.free_slots > 0]
+            waiting_since = _dispute_since(runs)
             if not free:
                 detail = (
                     f"waiting for a free slot on {len(capable)} capable miner(s)"
                     if capable
                     else why_unplaceable(rec.workload, model, req, [s for s in sessions if s.miner_id not in refused])
                 )
+                if waiting_since is not None:
+                    due = waiting_since + self.settings.referee_wait_secs
+                    if time.time() >= due:
+                        self._referee_due.pop(rec.job_id, None)
+                        await self._end(
+                            rec, [st.QUEUED], st.FAILED,
+                            f"no independent referee ran within {self.settings.referee_wait_secs:g} s of the "
+                            "disagreement: refunded in full; nobody paid or penalised",
+                        )  # fmt: skip
+                        continue
+                    self._referee_due[rec.job_id] = due
+                    detail = (
+                        "runs disagree: waiting for a referee, a miner with another payout address and operator "
+                        f"than every run so far ({detail})"
+                    )
                 if detail != rec.status_detail:
                     self._publish(
                         await self.db(self.store.transition, rec.job_id, from_states=[st.QUEUED], status_detail=detail)
@@ -717,13 +761,22 @@ class Coordinator:
                 if not any(s.free_slots for s in sessions):
                     return
                 continue
-            # Policy: a miner with an idle slot before one that would only
-            # queue the job; then best reputation, least loaded, and the
-            # longest connected (stable miners).
-            session = min(
-                free,
-                key=lambda s: (not s.idle, -s.reputation, len(s.leases) / (s.slots + s.prefetch), s.connected_at),
-            )
+            self._referee_due.pop(rec.job_id, None)
+            if rec.runs_needed > 1:
+                # Each run of a job that needs several, the referee's above
+                # all, goes to a miner drawn at random: colluding identities
+                # land on one job together only as often as chance puts
+                # them there (SECURITY.md), whatever their load, uptime or
+                # reputation. Idle slots still come first.
+                session = pick_at_random([s for s in free if s.idle] or free)
+            else:
+                # Policy: a miner with an idle slot before one that would only
+                # queue the job; then best reputation, least loaded, and the
+                # longest connected (stable miners).
+                session = min(
+                    free,
+                    key=lambda s: (not s.idle, -s.reputation, len(s.leases) / (s.slots + s.prefetch), s.connected_at),
+                )
             await self._assign(session, rec)
 
     async def _assign(self, session: MinerSession, rec: JobRecord) -> None:
@@ -817,8 +870,10 @@ class Coordinator:
         requeue_detail: bool = False,
     ) -> JobRecord | None:
         # A job that needs k agreeing runs may fail max_attempts times
-        # besides its k good ones.
-        failed = rec.attempts >= self.settings.max_attempts + rec.runs_needed - 1
+        # besides its k good ones, and once its runs disagree, once more
+        # for a referee.
+        disputed = _dispute_since(load_runs(rec) if runs is None else [Run(**r) for r in json.loads(runs)])
+        failed = rec.attempts >= self.settings.max_attempts + rec.runs_needed - 1 + (disputed is not None)
         if failed:
             changes: dict[str, Any] = {
                 "state": st.FAILED,
@@ -1136,9 +1191,11 @@ class Coordinator:
 
     async def _judge(self, session: MinerSession, rec: JobRecord, res: cpb.JobResult, up: Upload | None) -> None:
         lease_id = res.lease_id
-        output = b""
-        if up is not None and up.size <= up.limit:
-            output = await asyncio.to_thread(up.path.read_bytes)
+        # Size and digest were taken as the upload streamed in: the receipt,
+        # a copied receipt and a size no correct output has are all refused
+        # before a byte of the output is read.
+        poisoned = up is not None and up.size > up.limit
+        size = up.size if up is not None else 0
         outcome = await asyncio.to_thread(
             check_result,
             network_id=self.settings.network_id,
@@ -1146,12 +1203,9 @@ class Coordinator:
             lease_id=lease_id,
             miner_key=session.public_key,
             receipt=res.receipt,
-            output=output,
+            output_size=size,
+            output_sha256=up.sha.digest() if up is not None and not poisoned else b"",
         )
-        log.info(
-            "result_checked", job_id=rec.job_id, miner_id=session.miner_id, verdict=outcome.verdict,
-            detail=outcome.detail,
-        )  # fmt: skip
         body = outcome.body
         run = Run(
             miner_id=session.miner_id,
@@ -1163,30 +1217,55 @@ class Coordinator:
             nonce=body.nonce.hex() if body else "",
             verdict=outcome.verdict,
             detail=outcome.detail,
+            operator=session.operator,
+            returned_at=time.time(),
         )
         runs = load_runs(rec)
         copied = next((r for r in runs if body is not None and r.nonce == run.nonce), None)
         if copied is not None:
             run.verdict, run.detail = DISAGREED, f"the receipt copies the one {copied.miner_id} returned"
+        workload, params = workload_of(cpb.JobSpec.FromString(rec.spec))
+        if run.verdict in (ACCEPTED, BAD_OUTPUT):
+            problem = "no output was uploaded" if up is None else unread_size_problem(rec, size, poisoned)
+            if problem:
+                run.verdict, run.detail = BAD_OUTPUT, problem
+        if run.verdict == ACCEPTED:
+            assert up is not None
+            check = await self.checks.run(workload.check_memory(params, size), workload.check_file, params, up.path)
+            run.verdict, run.detail = (ACCEPTED if check.ok else BAD_OUTPUT), check.detail
+        log.info(
+            "result_checked", job_id=rec.job_id, miner_id=session.miner_id, verdict=run.verdict, detail=run.detail,
+        )  # fmt: skip
         if run.verdict != ACCEPTED:
             if up:
                 up.path.unlink(missing_ok=True)
             await self._refuse(session, rec, run, runs)
             return
         assert up is not None
-        await asyncio.to_thread(up.path.replace, self.blobs / run.output_sha256)
+        output = self.blobs / run.output_sha256
+        await asyncio.to_thread(up.path.replace, output)
         run.verdict = PENDING
         pending = [r for r in runs if r.verdict == PENDING]
-        workload, params = workload_of(cpb.JobSpec.FromString(rec.spec))
+        # Pending runs that disagree already: this run is a referee's.
+        run.referee = _dispute_since(runs) is not None
         agreeing = []
         for r in pending:
-            other = await asyncio.to_thread(_read_blob, self.blobs / r.output_sha256)
-            check = await asyncio.to_thread(workload.agree, params, other, output) if other is not None else None
-            if check is not None and check.ok:
+            if workload.self_checking:
+                agreeing.append(r)  # each passed a check that proves it correct
+                continue
+            memory = workload.check_memory(params, size)
+            check = await self.checks.run(memory, _agree_files, workload, params, self.blobs / r.output_sha256, output)
+            if check.ok:
                 agreeing.append(r)
-        if len(agreeing) + 1 >= rec.runs_needed:
+        run.group = agreeing[0].group if agreeing else 1 + max((r.group for r in runs), default=0)
+        # Once runs disagree, counting identities decides nothing: a side is
+        # paid only when a referee, drawn at random among miners independent
+        # of every run so far, agrees with it. The other side is refuted.
+        disputed = run.referee or len(agreeing) < len(pending)
+        refereed = run.referee or any(r.referee for r in agreeing)
+        if len(agreeing) + 1 >= rec.runs_needed and (refereed or not disputed):
             winners = [*agreeing[: rec.runs_needed - 1], run]
-            losers = [r for r in pending if r not in winners]
+            losers = [r for r in pending if r not in agreeing]
             await self._settle(session, rec, [*runs, run], winners, losers)
             return
         # Hold this result until enough other miners' runs agree with it.
@@ -1196,7 +1275,11 @@ class Coordinator:
         await self._retry_or_fail(
             rec,
             [st.VERIFYING],
-            f"{have} of {rec.runs_needed} agreeing results in; waiting for a run on another miner",
+            (
+                f"runs disagree ({have} of {rec.runs_needed} agreeing with the latest): waiting for a referee"
+                if disputed
+                else f"{have} of {rec.runs_needed} agreeing results in; waiting for a run on another miner"
+            ),
             verdict=PENDING,
             refused_miners=_excluding(rec, session.miner_id),
             runs=dump_runs(runs),
@@ -1340,6 +1423,8 @@ class Coordinator:
             try:
                 self._sweep_tokens()
                 await self._sweep_holding()
+                if any(due <= time.time() for due in self._referee_due.values()):
+                    self.wake()  # the dispatcher ends jobs whose referee never came
                 expirable = [st.QUEUED, *st.LEASED]
                 for rec in await self.db(self.store.expired, time.time(), expirable):
                     await self._end(rec, expirable, st.EXPIRED, "deadline passed before a verified result")
@@ -1487,17 +1572,27 @@ def _placement(rec: JobRecord) -> tuple[str, cpb.Requirements]:
     return hit
 
 
+def _dispute_since(runs: list[Run]) -> float | None:
+    """When the job's pending runs came to disagree (the latest of them was
+    judged), or None while they agree."""
+    pending = [r for r in runs if r.verdict == PENDING]
+    if len({r.group for r in pending}) < 2:
+        return None
+    # Runs judged before this rule carry no time: wait from now.
+    return max(r.returned_at for r in pending) or time.time()
+
+
 def _excluding(rec: JobRecord, miner_id: str) -> str:
     """The job's excluded miners, plus this one."""
     return f"{rec.refused_miners} {miner_id}".strip()
 
 
-def _read_blob(path: Path) -> bytes | None:
+def _agree_files(workload: Any, params: Any, a: Path, b: Path) -> Check:
     try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        log.warning("blob_missing", path=str(path))
-        return None
+        return workload.agree_files(params, a, b)
+    except FileNotFoundError as exc:
+        log.warning("blob_missing", path=str(exc.filename))
+        return Check(False, "an earlier run's output is no longer stored")
 
 
 def _utc(epoch: float) -> datetime:

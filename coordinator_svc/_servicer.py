@@ -21,6 +21,7 @@ from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import coordinator_pb2_grpc, signing_pb2
 from aitbc.wellformed import check_timestamp
 from coordinator_svc import _store as st
+from coordinator_svc._checks import operator_of
 from coordinator_svc._jobs import Coordinator, MinerSession, load_runs, reputation
 from coordinator_svc._metrics import version_label
 from coordinator_svc._store import JobRecord
@@ -167,6 +168,7 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
         if self._tokens is not None and token is not None:
             session.token_check = _token_check(self._tokens, hash_token(token), caller)
         structlog.contextvars.bind_contextvars(miner_id=session.miner_id)
+        session.operator = operator_of(caller.name)
         reader: asyncio.Task[None] | None = None
         reason = "stream closed by miner"
         try:

@@ -34,8 +34,12 @@ def check_result(
     lease_id: str,
     miner_key: bytes,
     receipt: signing_pb2.Signed,
-    output: bytes,
+    output_size: int,
+    output_sha256: bytes,
 ) -> Outcome:
+    """The receipt, and that it names the output that was uploaded (its size
+    and digest, taken as it streamed in): nothing here reads the output.
+    ACCEPTED means the output may now be checked (check_output)."""
     try:
         body = open_signed(receipt, crypto.RECEIPT_DOMAIN, miner_key, signing_pb2.ReceiptBody)
     except BadSignature as exc:
@@ -58,12 +62,21 @@ def check_result(
             return Outcome(BAD_SIGNATURE, f"receipt binds the wrong {name}", body)
     if len(body.nonce) < 16:
         return Outcome(BAD_SIGNATURE, "receipt nonce is shorter than 16 bytes", body)
-    digest = crypto.sha256(output)
-    if body.output_sha256 != digest or body.output_size_bytes != len(output):
+    if body.output_sha256 != output_sha256 or body.output_size_bytes != output_size:
         return Outcome(BAD_OUTPUT, "output does not match the receipt's digest", body)
-    spec = coordinator_pb2.JobSpec.FromString(job.spec)
-    workload, params = workload_of(spec)
-    check = workload.check(params, output)
-    if not check.ok:
-        return Outcome(BAD_OUTPUT, check.detail, body)
-    return Outcome(ACCEPTED, check.detail, body)
+    return Outcome(ACCEPTED, "receipt checked", body)
+
+
+def unread_size_problem(job: JobRecord, size: int, limit_exceeded: bool) -> str:
+    """Why an upload of `size` bytes cannot be this job's output, decided
+    before a byte of it is read; "" when its size is possible."""
+    workload, params = workload_of(coordinator_pb2.JobSpec.FromString(job.spec))
+    if limit_exceeded:
+        return (
+            f"output exceeds the {workload.max_output_size(params)} bytes this job's can have "
+            "(or arrived out of order): refused unread"
+        )
+    exact = workload.exact_output_size(params)
+    if exact is not None and size != exact:
+        return f"output is {size} bytes; this job's is exactly {exact}: refused unread"
+    return ""

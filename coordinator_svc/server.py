@@ -43,6 +43,20 @@ OPTIONS = [
         "largest output a job may return; bounds each result's disk and check memory (matmul n=4096 fp32 by default)",
     ),
     Option(
+        "CHECK_MEMORY_BYTES",
+        int,
+        128 * 2**20,
+        "what the output checks in flight may hold together; a result waits for its share before it is checked",
+    ),
+    Option("CHECK_THREADS", int, 2, "threads output checks run on, off the event loop"),
+    Option(
+        "REFEREE_WAIT_SECS",
+        float,
+        600.0,
+        "how long runs that disagree wait for an independent referee before the job is refunded",
+    ),
+    Option("EMBED_MODELS", str, "", "embed models jobs may name beyond all-minilm-l6-v2=384, as name=dimensions,…"),
+    Option(
         "PRICES",
         str,
         "",
