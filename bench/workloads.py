@@ -3,7 +3,8 @@ miner (matmul at n = 512, 1024, 2048), and the throughput of the model
 workloads, all on this machine's CPU. The miner's side is its own run code
 (miner_svc/_run_*.py) called in one process, warm; the coordinator's side
 is the check it runs on every result (matmul: regenerate A and B from the
-seed, then Freivalds' rounds)."""
+seed and run Freivalds' rounds, block by block from C's file, on one BLAS
+thread, as the coordinator does)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from threadpoolctl import threadpool_limits
+
 from aitbc.tinymodels import build_tiny_gpt2
 from aitbc.workloads.embed import EmbedParams
 from aitbc.workloads.llm_gen import LlmGenParams
-from aitbc.workloads.matmul import MatmulParams, freivalds
+from aitbc.workloads.matmul import MatmulParams, freivalds_file
 from miner_svc._models import packaged_embed_model
 from miner_svc._run_embed import run_embed
 from miner_svc._run_llm import run_llm
@@ -48,12 +51,13 @@ def matmul_rows(tmp: Path) -> list[dict[str, Any]]:
             run_matmul(p, "cpu", o)
 
         miner, miner_runs = _median(mine)
-        data = out.read_bytes()
 
-        def check(p: MatmulParams = params, d: bytes = data) -> None:
-            assert freivalds(p, d).ok
+        def check(p: MatmulParams = params, o: Path = out) -> None:
+            assert freivalds_file(p, o).ok
 
-        verify, verify_runs = _median(check)
+        # As the coordinator runs it: from the file, one BLAS thread.
+        with threadpool_limits(limits=1, user_api="blas"):
+            verify, verify_runs = _median(check)
         rows.append({"n": n, "repeats": repeats, "miner": miner, "verify": verify, "ratio": verify / miner,
                      "miner_runs": miner_runs, "verify_runs": verify_runs})  # fmt: skip
         print(f"matmul n={n} x{repeats}: miner {miner:.4f}s, verification {verify:.4f}s ({verify / miner:.1%})")
