@@ -39,7 +39,7 @@ def check_result(
 ) -> Outcome:
     """The receipt, and that it names the output that was uploaded (its size
     and digest, taken as it streamed in): nothing here reads the output.
-    ACCEPTED means the output may now be checked (check_output)."""
+    ACCEPTED means the output may now be checked (Workload.check_file)."""
     try:
         body = open_signed(receipt, crypto.RECEIPT_DOMAIN, miner_key, signing_pb2.ReceiptBody)
     except BadSignature as exc:

@@ -27,6 +27,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,13 +38,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aitbc import crypto
+from aitbc.errors import InvalidArgument
 from aitbc.signed import seal
 from aitbc.timeutil import ts_now
 from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import coordinator_pb2_grpc, signing_pb2, workloads_pb2
+from aitbc.workloads.embed import MODEL_DIMENSIONS, parse_models, register_models
 from aitbc.workloads.matmul import MatmulParams
 from aitbc.workloads.registry import workload_of
-from coordinator_svc._checks import ByteBudget
+from coordinator_svc._checks import ByteBudget, independent, operator_of
 from tests.conftest import ROOT, Network, eventually, md
 from tests.downgrades import downgraded
 from tests.test_e2e import Clients
@@ -492,3 +495,50 @@ async def test_a_byte_budget_admits_in_order_and_never_overcommits() -> None:
     waiter.cancel()
     budget.release(first)
     assert budget.free == 100
+
+
+def test_outputs_are_checked_against_the_spec_and_the_model() -> None:
+    embed, params = workload_of(embed_spec("a", "b"))
+    v = np.eye(2, 384, dtype=np.float32)  # unit vectors
+    assert embed.check(params, workloads_pb2.EmbedOutput(dimensions=384, values=v.flatten().tolist())
+                       .SerializeToString()).ok  # fmt: skip
+    for dims in (1, 383, 385):
+        w = np.eye(2, dims, dtype=np.float32)
+        out = workloads_pb2.EmbedOutput(dimensions=dims, values=w.flatten().tolist()).SerializeToString()
+        assert not embed.check(params, out).ok, dims
+    # A model whose dimension the coordinator does not know is refused at
+    # submit; EMBED_MODELS teaches it one.
+    other = cpb.JobSpec(embed=workloads_pb2.EmbedParams(model="e5-test-model", texts=["a"]))
+    with pytest.raises(InvalidArgument) as err:
+        workload_of(other)
+    assert err.value.reason == "UNKNOWN_MODEL" and err.value.field == "spec.embed.model"
+    register_models(parse_models("e5-test-model=768"))
+    try:
+        _, p768 = workload_of(other)
+        assert embed.max_output_size(p768) == 32 + 768 * 4
+    finally:
+        MODEL_DIMENSIONS.pop("e5-test-model")
+
+    llm, lp = workload_of(cpb.JobSpec(llm_gen=workloads_pb2.LlmGenParams(model="m", prompt="hi", max_new_tokens=3)))
+    good = workloads_pb2.LlmGenOutput(text="abc", token_ids=[1, 2, 3], prompt_tokens=1)
+    assert llm.check(lp, good.SerializeToString()).ok
+    for bad in (
+        workloads_pb2.LlmGenOutput(text="abcd", token_ids=[1, 2, 3, 4], prompt_tokens=1),  # > max_new_tokens
+        workloads_pb2.LlmGenOutput(text="abc", token_ids=[1, 2, 3], prompt_tokens=11),  # > 2 bytes + 8
+        workloads_pb2.LlmGenOutput(text="x" * 257, token_ids=[1], prompt_tokens=1),  # > 256 bytes a token
+    ):
+        assert not llm.check(lp, bad.SerializeToString()).ok, bad
+
+
+def test_referees_are_independent_of_every_run() -> None:
+    @dataclass
+    class Party:
+        payout_address: str
+        operator: str
+
+    runs = [Party("ait_a", "alice"), Party("ait_b", "")]
+    assert operator_of("alice/gpu-3") == "alice" and operator_of("gpu-3") == "" and operator_of("/x") == ""
+    assert not independent(Party("ait_a", ""), runs)  # the same payout address
+    assert not independent(Party("ait_c", "alice"), runs)  # the same operator
+    assert independent(Party("ait_c", ""), runs)  # unknown operators never match each other
+    assert independent(Party("ait_c", "bob"), runs)
