@@ -740,16 +740,8 @@ class Coordinator:
                     else why_unplaceable(rec.workload, model, req, [s for s in sessions if s.miner_id not in refused])
                 )
                 if waiting_since is not None:
-                    due = waiting_since + self.settings.referee_wait_secs
-                    if time.time() >= due:
-                        self._referee_due.pop(rec.job_id, None)
-                        await self._end(
-                            rec, [st.QUEUED], st.FAILED,
-                            f"no independent referee ran within {self.settings.referee_wait_secs:g} s of the "
-                            "disagreement: refunded in full; nobody paid or penalised",
-                        )  # fmt: skip
+                    if await self._unrefereed(rec, waiting_since):
                         continue
-                    self._referee_due[rec.job_id] = due
                     detail = (
                         "runs disagree: waiting for a referee, a miner with another payout address and operator "
                         f"than every run so far ({detail})"
@@ -778,6 +770,23 @@ class Coordinator:
                     key=lambda s: (not s.idle, -s.reputation, len(s.leases) / (s.slots + s.prefetch), s.connected_at),
                 )
             await self._assign(session, rec)
+
+    async def _unrefereed(self, rec: JobRecord, since: float) -> bool:
+        """End a queued job whose runs disagree once no referee has run for
+        REFEREE_WAIT_SECS since: without one nothing says who was right, so
+        nobody is paid or judged and the client is refunded. Until then,
+        note when to look again; True if it ended."""
+        due = since + self.settings.referee_wait_secs
+        if time.time() < due:
+            self._referee_due[rec.job_id] = due
+            return False
+        self._referee_due.pop(rec.job_id, None)
+        await self._end(
+            rec, [st.QUEUED], st.FAILED,
+            f"no independent referee ran within {self.settings.referee_wait_secs:g} s of the disagreement: "
+            "refunded in full; nobody paid or penalised",
+        )  # fmt: skip
+        return True
 
     async def _assign(self, session: MinerSession, rec: JobRecord) -> None:
         workload, params = workload_of(cpb.JobSpec.FromString(rec.spec))
@@ -1285,6 +1294,8 @@ class Coordinator:
             runs=dump_runs(runs),
             requeue_detail=True,
         )
+        if disputed:
+            self._referee_due[rec.job_id] = run.returned_at + self.settings.referee_wait_secs
         await self._ack(session, lease_id, "VERDICT_PENDING", run.detail, reputation=session.reputation)
 
     async def _refuse(self, session: MinerSession, rec: JobRecord, run: Run, runs: list[Run]) -> None:
@@ -1423,8 +1434,16 @@ class Coordinator:
             try:
                 self._sweep_tokens()
                 await self._sweep_holding()
-                if any(due <= time.time() for due in self._referee_due.values()):
-                    self.wake()  # the dispatcher ends jobs whose referee never came
+                # Here, not only in the dispatcher: with every slot busy it
+                # stops before the jobs at the back of the queue.
+                for job_id, due in list(self._referee_due.items()):
+                    if due <= time.time():
+                        rec = await self.db(self.store.get, job_id)
+                        since = _dispute_since(load_runs(rec)) if rec is not None and rec.state == st.QUEUED else None
+                        if rec is None or since is None:
+                            self._referee_due.pop(job_id, None)
+                        else:
+                            await self._unrefereed(rec, since)
                 expirable = [st.QUEUED, *st.LEASED]
                 for rec in await self.db(self.store.expired, time.time(), expirable):
                     await self._end(rec, expirable, st.EXPIRED, "deadline passed before a verified result")
