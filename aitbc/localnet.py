@@ -112,7 +112,12 @@ class Network:
         )
 
     def start_coordinator(
-        self, *extra: str, port: int = 0, name: str = "coordinator", coord_db: str | None = None
+        self,
+        *extra: str,
+        port: int = 0,
+        name: str = "coordinator",
+        coord_db: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         ready = self.root / "run" / f"{name}.port"
         ready.unlink(missing_ok=True)
@@ -136,7 +141,7 @@ class Network:
                 str(ready),
                 *extra,
             ],
-            {"AITBC_COORD_WALLET_TOKEN": self.ids["coordinator"].token},
+            {"AITBC_COORD_WALLET_TOKEN": self.ids["coordinator"].token, **(env or {})},
             ready,
         )
 

@@ -47,10 +47,19 @@ async def serve(conf: dict) -> int:
         raise SystemExit(str(exc)) from None
     if conf["CHECK_MEMORY_BYTES"] < 2**20 or conf["CHECK_THREADS"] < 1:
         raise SystemExit("CHECK_MEMORY_BYTES must be at least 1 MiB and CHECK_THREADS at least 1")
+    result_days, job_days = conf["RESULT_RETENTION_DAYS"], conf["JOB_RETENTION_DAYS"]
+    if min(result_days, job_days, conf["RECONNECT_GRACE_SECS"]) < 0 or conf["RETENTION_SWEEP_SECS"] <= 0:
+        raise SystemExit("retention days and RECONNECT_GRACE_SECS must not be negative, RETENTION_SWEEP_SECS positive")
+    if job_days and result_days and job_days < result_days:
+        raise SystemExit("JOB_RETENTION_DAYS must be 0 or at least RESULT_RETENTION_DAYS (a row outlives its result)")
     settings = Settings(
         network_id=conf["NETWORK_ID"],
         heartbeat_secs=conf["HEARTBEAT_SECS"],
         lease_secs=conf["LEASE_SECS"],
+        reconnect_grace_secs=conf["RECONNECT_GRACE_SECS"],
+        result_retention_days=conf["RESULT_RETENTION_DAYS"],
+        job_retention_days=conf["JOB_RETENTION_DAYS"],
+        retention_sweep_secs=conf["RETENTION_SWEEP_SECS"],
         max_attempts=conf["MAX_ATTEMPTS"],
         fee_bps=conf["FEE_BPS"],
         ban_after=conf["BAN_AFTER"],

@@ -35,7 +35,15 @@ from aitbc import crypto
 from aitbc.audit import audit
 from aitbc.auth import Principal
 from aitbc.dbfaults import StorageUnavailable
-from aitbc.errors import AitbcError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from aitbc.errors import (
+    AitbcError,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from aitbc.signed import seal
 from aitbc.timeutil import ts_from_datetime, ts_now
 from aitbc.v1 import coordinator_pb2 as cpb
@@ -46,6 +54,8 @@ from aitbc.workloads.registry import MAX_SPEC_BYTES, WORKLOADS, policy_of, workl
 from coordinator_svc import _metrics as M
 from coordinator_svc import _store as st
 from coordinator_svc._checks import CheckRunner, independent, pick_at_random
+from coordinator_svc._leases import GONE, Lease, LeaseClock, LeaseRow
+from coordinator_svc._retention import BATCH, DAY, BlobFiles
 from coordinator_svc._store import JobRecord, JobStore
 from coordinator_svc._verify import ACCEPTED, BAD_OUTPUT, DISAGREED, PENDING, check_result, unread_size_problem
 from coordinator_svc._wallet import WalletClient, WalletError
@@ -53,6 +63,8 @@ from coordinator_svc._wallet import WalletClient, WalletError
 log = structlog.get_logger()
 T = TypeVar("T")
 HOLD_SWEEP_SECS = 10.0
+# The longest an outbox item waits between tries (before jitter).
+OUTBOX_MAX_DELAY = 30.0
 # How often the bounds of ended leases are swept from the store.
 BOUNDS_SWEEP_SECS = 60.0
 # A slow link for a run-time bound: a result's upload at a megabyte a second.
@@ -145,6 +157,14 @@ class Settings:
     # How long a disagreement waits for an independent referee before the
     # job ends refunded, nobody paid or penalised.
     referee_wait_secs: float = 600.0
+    # A miner whose stream ends keeps its leases this long: one that
+    # reconnects within it (its hello lists them) delivers their results.
+    reconnect_grace_secs: float = 30.0
+    # A result is kept this long after its job ended, the job's row this
+    # long (0: for ever); the sweep runs this often (see _retention).
+    result_retention_days: float = 7.0
+    job_retention_days: float = 30.0
+    retention_sweep_secs: float = 60.0
 
 
 @dataclass
@@ -170,7 +190,7 @@ class MinerSession:
     models: frozenset[str] = frozenset()
     # Assignments it queues beyond its slots, preparing them meanwhile.
     prefetch: int = 0
-    # lease id -> when its run-time bound passes (epoch seconds).
+    # lease id -> when its run-time bound passes (time.monotonic()).
     run_deadlines: dict[str, float] = field(default_factory=dict)
     session_id: str = field(default_factory=lambda: "sess_" + secrets.token_hex(8))
     outbox: asyncio.Queue[cpb.ConnectResponse | None] = field(default_factory=asyncio.Queue)
@@ -273,11 +293,13 @@ class WatchSlot:
 
 def _supersedes(rec: JobRecord, held: JobRecord) -> bool:
     """Whether `rec` may replace `held` in a slot. Snapshots can arrive out
-    of order (a re-read that started before a transition lands after it)."""
+    of order (a re-read that started before a transition lands after it);
+    the store's version orders them, not update_time, which is the wall
+    clock's and steps with it."""
     if (rec.state in st.TERMINAL) != (held.state in st.TERMINAL):
         return rec.state in st.TERMINAL
-    # Equal times: the same state re-read to show newer progress.
-    return rec.update_time >= held.update_time
+    # Equal versions: the same state re-read to show newer progress.
+    return rec.version >= held.version
 
 
 class WatchHub:
@@ -322,10 +344,19 @@ class Coordinator:
         self.key = key
         self.settings = settings
         self.blobs = Path(blobs_dir)
+        self.blob_files = BlobFiles(self.blobs)
         (self.blobs / "incoming").mkdir(parents=True, exist_ok=True)
         self.watch_hub = WatchHub()
         self.sessions: dict[str, MinerSession] = {}
         self._db_exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobstore")
+        # Every live lease's deadlines, on the monotonic clock (see _leases).
+        self.leases = LeaseClock(settings.lease_secs, settings.reconnect_grace_secs)
+        # (job id, kind) -> when its next try is due (time.monotonic()), for
+        # the outbox items this process scheduled.
+        self._outbox_due: dict[tuple[str, str], float] = {}
+        # job id -> since when (time.monotonic()) its hold has been seen
+        # unconfirmed, for the hold loop.
+        self._holding_since: dict[str, float] = {}
         self.checks = CheckRunner(settings.check_memory_bytes, settings.check_threads)
         # job id -> when its wait for a referee ends (epoch), while it waits.
         self._referee_due: dict[str, float] = {}
@@ -333,7 +364,6 @@ class Coordinator:
         self._outbox_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
-        self._last_hold_sweep = time.monotonic()
         self._last_bounds_sweep = time.monotonic()
         self._inflight: set[asyncio.Task[None]] = set()
         # job id -> (fraction, message) of running jobs whose miner is here.
@@ -383,7 +413,14 @@ class Coordinator:
 
         self.store.listen(on_change, on_miner_key, on_resync)
         await self._recover()
-        for coro in (self._dispatch_loop(), self._lease_loop(), self._outbox_loop()):
+        loops = (
+            self._dispatch_loop(),
+            self._lease_loop(),
+            self._outbox_loop(),
+            self._hold_loop(),
+            self._retention_loop(),
+        )
+        for coro in loops:
             self._tasks.append(asyncio.create_task(coro))
         self.wake()
 
@@ -405,9 +442,12 @@ class Coordinator:
         self.checks.shutdown()
 
     async def _recover(self) -> None:
-        """Resume every job from its persisted state after a restart."""
+        """Resume every job from its persisted state after a restart. Nothing
+        here asks the wallet: a coordinator must start, serve reads and take
+        miners while the wallet is away. Holds it never confirmed are the
+        hold loop's, first thing."""
         for rec in await self.db(self.store.in_states, [st.HOLDING]):
-            await self._confirm_hold(rec)
+            self._holding_since[rec.job_id] = -math.inf
         # A result that was being checked when we died is gone with the
         # process: hand the job out again.
         for rec in await self.db(self.store.in_states, [st.VERIFYING]):
@@ -666,6 +706,11 @@ class Coordinator:
                 f"the job is {rec.state.lower()}: it has no verified result", reason="NO_RESULT",
                 metadata={"state": rec.state},
             )  # fmt: skip
+        if rec.result_expired:
+            raise FailedPrecondition(
+                f"the job's result was deleted {self.settings.result_retention_days:g} day(s) after the job ended "
+                "(this coordinator's RESULT_RETENTION_DAYS)", reason="RESULT_EXPIRED",
+            )  # fmt: skip
         path = self.blobs / rec.output_sha256.hex()
         if not path.exists():
             raise FailedPrecondition("the job's result is no longer stored", reason="RESULT_GONE")
@@ -689,15 +734,15 @@ class Coordinator:
         slot = self.watch_hub.subscribe(job_id)
         try:
             rec = await self.get(caller, job_id)
-            last = rec.update_time, rec.state
+            last = rec.version
             shown = self.progress_of.get(job_id)
             yield rec
             while rec.state not in st.TERMINAL:
                 rec = await slot.take()
                 progress = self.progress_of.get(job_id)
-                if (rec.update_time, rec.state) < last or ((rec.update_time, rec.state) == last and progress == shown):
+                if rec.version < last or (rec.version == last and progress == shown):
                     continue  # stale, or nothing new to show
-                last, shown = (rec.update_time, rec.state), progress
+                last, shown = rec.version, progress
                 yield rec
         finally:
             self.watch_hub.unsubscribe(job_id, slot)
@@ -791,8 +836,10 @@ class Coordinator:
     async def _assign(self, session: MinerSession, rec: JobRecord) -> None:
         workload, params = workload_of(cpb.JobSpec.FromString(rec.spec))
         lease_id = "lease_" + secrets.token_hex(8)
-        run_deadline = self._run_deadline(session, lease_id, workload, params)
+        run_due = self._run_deadline(session, lease_id, workload, params)
         session.leases[lease_id] = (rec.job_id, workload.max_output_size(params))
+        # Stored (and shown to the miner) as wall-clock times; this process
+        # times the lease on its monotonic clock (self.leases).
         deadline = time.time() + self.settings.lease_secs
         assigned = await self.db(
             self.store.transition,
@@ -804,13 +851,14 @@ class Coordinator:
             lease_deadline=deadline,
             attempts=rec.attempts + 1,
             status_detail="",
-            run_deadline=run_deadline,
+            run_deadline=self.leases.to_wall(run_due),
         )
         if assigned is None or self.sessions.get(session.miner_id) is not session:
             session.leases.pop(lease_id, None)
             if assigned is not None:  # the miner left while we committed
                 await self._retry_or_fail(assigned, st.LEASED, "miner disconnected", expect_lease=lease_id)
             return
+        self.leases.assigned(lease_id, rec.job_id, session.miner_id, run_due, deadline)
         self._publish(assigned)
         queued_at = self._queued_at.pop(rec.job_id, None)
         if queued_at is not None:
@@ -834,7 +882,8 @@ class Coordinator:
         return max(self.settings.run_bound_floor_secs, self.settings.run_bound_factor * estimate)
 
     def _run_deadline(self, session: MinerSession, lease_id: str, workload: Any, params: Any) -> float:
-        now = time.time()
+        """When the new lease's run-time bound passes (monotonic)."""
+        now = self.leases.now()
         for held in [x for x in session.run_deadlines if x not in session.leases]:
             del session.run_deadlines[held]
         # Taken beyond its idle slots (prefetch), the job starts only when
@@ -864,7 +913,7 @@ class Coordinator:
         log.warning("run_bound_passed", job_id=rec.job_id, miner_id=rec.miner_id, lease_id=rec.lease_id,
                     banned=banned)  # fmt: skip
         if banned and session is not None:
-            session.outbox.put_nowait(None)
+            _close_banned(session)
 
     async def _retry_or_fail(
         self,
@@ -929,18 +978,20 @@ class Coordinator:
         # Leases the miner held before (a reconnect): keep them on the new
         # session so its results are accepted.
         held = await self.db(self.store.leased_by, session.miner_id)
+        bounds = await self.db(self.store.run_deadlines, [r.lease_id for r in held if r.lease_id in in_flight])
         for rec in held:
             if rec.lease_id in in_flight:
                 workload, params = workload_of(cpb.JobSpec.FromString(rec.spec))
                 session.leases[rec.lease_id] = (rec.job_id, workload.max_output_size(params))
+                session.run_deadlines[rec.lease_id] = self.leases.held(
+                    rec.lease_id, rec.job_id, rec.miner_id, bounds.get(rec.lease_id, 0.0), rec.lease_deadline
+                )
             else:
                 # The miner came back without it (restarted, lost it): no
                 # need to wait for the lease to lapse.
                 await self._retry_or_fail(
                     rec, st.LEASED, "miner reconnected without the job", expect_lease=rec.lease_id
                 )
-        if session.leases:
-            session.run_deadlines.update(await self.db(self.store.run_deadlines, list(session.leases)))
         for lease_id in in_flight - set(session.leases):
             session.outbox.put_nowait(
                 cpb.ConnectResponse(cancel=cpb.CancelAssignment(lease_id=lease_id, reason="lease no longer valid"))
@@ -1027,9 +1078,20 @@ class Coordinator:
     async def miner_left(self, session: MinerSession, reason: str) -> None:
         if self.sessions.get(session.miner_id) is session and not self._stopping:
             del self.sessions[session.miner_id]
-            # A cut stream is a lapsed lease: requeue now rather than wait.
-            for lease_id in list(session.leases):
-                job_id = session.leases.pop(lease_id)[0]
+            held = dict(session.leases)
+            session.leases.clear()  # a result still arriving on this stream is the new stream's to deliver
+            if self._keeps_leases(session):
+                # A cut stream is not lost work: the sidecar runs its jobs on
+                # and keeps their results until a stream takes them. Its
+                # leases wait out the grace (see _leases) for it to reconnect.
+                self.leases.gone(held)
+                if held:
+                    log.info("leases_kept_for_reconnect", miner_id=session.miner_id, leases=len(held),
+                             grace_secs=self.settings.reconnect_grace_secs)  # fmt: skip
+                held = {}
+            # Closed for cause (a revoked token, a replaced key, a ban), or
+            # draining (it handed back what it runs): requeue now.
+            for lease_id, (job_id, _) in held.items():
                 rec = await self.db(self.store.get, job_id)
                 if rec is not None and rec.lease_id == lease_id and rec.state in st.LEASED:
                     await self._retry_or_fail(
@@ -1046,6 +1108,10 @@ class Coordinator:
             undeclared_telemetry=session.undeclared_telemetry or None, stale_leases=session.stale_leases or None,
         )  # fmt: skip
         self.wake()
+
+    def _keeps_leases(self, session: MinerSession) -> bool:
+        """Whether a miner whose stream ended may come back for its leases."""
+        return self.settings.reconnect_grace_secs > 0 and session.closed_by is None and not session.draining
 
     async def heartbeat(self, session: MinerSession, draining: bool = False, telemetry: Any = ()) -> None:
         declared: dict[int, Any] = {}
@@ -1067,7 +1133,9 @@ class Coordinator:
         if draining and not session.draining:
             session.draining = True
             log.info("miner_draining", miner_id=session.miner_id)
-        await self.db(self.store.extend_leases, session.miner_id, time.time() + self.settings.lease_secs)
+        deadline = time.time() + self.settings.lease_secs
+        self.leases.renewed(session.leases, deadline)
+        await self.db(self.store.extend_leases, session.miner_id, deadline)
         if not session.healthy:
             session.healthy = True
             log.info("miner_healthy_again", miner_id=session.miner_id)
@@ -1140,11 +1208,16 @@ class Coordinator:
                 await self._ack(session, lease_id[:LEASE_ID_ECHO], "VERDICT_UNSPECIFIED",
                                 "stale or unknown lease: result refused")  # fmt: skip
             return
+        # Taken off the session before anything waits: a stream that ends
+        # meanwhile deletes the uploads still on it, and this one is whole.
+        up = session.uploads.pop(lease_id, None)
         # A result that races its token's revocation is not paid: the sweep
         # may not have closed the stream yet, so look at the tokens file now
         # (one stat). The lease stays on the session: closing requeues it.
         why = self._token_refusal(session, fresh=True)
         if why is not None:
+            if up:
+                up.path.unlink(missing_ok=True)
             await self._ack(session, lease_id, "VERDICT_UNSPECIFIED", f"{why.message}; result refused")
             self._close_for_token(session, why)
             return
@@ -1153,11 +1226,12 @@ class Coordinator:
         # stays on the session, so closing it requeues the job, and the
         # refusal does not count against the miner id's new owner.
         if await self._stale_key(session):
+            if up:
+                up.path.unlink(missing_ok=True)
             await self._ack(session, lease_id, "VERDICT_BAD_SIGNATURE",
                             "this miner's key was replaced: a receipt under the old key is refused")  # fmt: skip
             self._close_stale(session)  # after the ack: it learns why
             return
-        up = session.uploads.pop(lease_id, None)
         session.leases.pop(lease_id, None)
         rec = await self.db(
             self.store.transition, job_id, from_states=st.LEASED, expect_lease=lease_id, state=st.VERIFYING
@@ -1251,8 +1325,7 @@ class Coordinator:
             await self._refuse(session, rec, run, runs)
             return
         assert up is not None
-        output = self.blobs / run.output_sha256
-        await asyncio.to_thread(up.path.replace, output)
+        output = await asyncio.to_thread(self.blob_files.put, up.path, run.output_sha256)
         run.verdict = PENDING
         pending = [r for r in runs if r.verdict == PENDING]
         # Pending runs that disagree already: this run is a referee's.
@@ -1311,7 +1384,7 @@ class Coordinator:
         )
         await self._ack(session, run.lease_id, f"VERDICT_{run.verdict}", run.detail, reputation=run.reputation)
         if banned:
-            session.outbox.put_nowait(None)  # after the ack: it learns why
+            _close_banned(session)  # after the ack: it learns why
 
     async def _settle(
         self, session: MinerSession, rec: JobRecord, runs: list[Run], winners: list[Run], losers: list[Run]
@@ -1382,7 +1455,7 @@ class Coordinator:
                 amount = pay_each if r.verdict == ACCEPTED else 0
                 await self._ack(target, r.lease_id, f"VERDICT_{r.verdict}", r.detail, amount, r.reputation)
                 if r.miner_id in banned:
-                    target.outbox.put_nowait(None)
+                    _close_banned(target)
         self.wake()
 
     async def failure(self, session: MinerSession, f: cpb.JobFailure) -> None:
@@ -1415,25 +1488,46 @@ class Coordinator:
 
     # -- leases -----------------------------------------------------------
 
-    async def _sweep_holding(self) -> None:
-        """Jobs whose hold the wallet never confirmed (it was unreachable and
-        the client did not retry): ask again, now and then."""
+    async def _hold_loop(self) -> None:
+        """Jobs whose hold the wallet never confirmed (it was away, or the
+        coordinator restarted mid-submit, and the client did not retry): ask
+        again until it answers, backing off while it is away. A task of its
+        own: each ask of an absent wallet waits out its deadline, which must
+        hold up neither leases nor dispatch."""
+        delay = 1.0
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                reached = await self._sweep_holding()
+            except Exception:
+                log.exception("hold_loop_error")
+                reached = False
+            delay = HOLD_SWEEP_SECS if reached else min(2 * delay, HOLD_SWEEP_SECS)
+
+    async def _sweep_holding(self) -> bool:
+        """Ask the wallet again for the holds seen unconfirmed for a whole
+        sweep (a younger one may be a submit in flight). False when the
+        wallet could not be reached: the rest wait for the next pass."""
         now = time.monotonic()
-        if now - self._last_hold_sweep < HOLD_SWEEP_SECS:
-            return
-        self._last_hold_sweep = now
-        cutoff = _utc(time.time() - HOLD_SWEEP_SECS).isoformat(timespec="microseconds")
-        for rec in await self.db(self.store.in_states, [st.HOLDING]):
-            if rec.update_time < cutoff:
-                with suppress(AitbcError):
-                    await self._confirm_hold(rec)
+        holding = await self.db(self.store.in_states, [st.HOLDING])
+        self._holding_since = {r.job_id: self._holding_since.get(r.job_id, now) for r in holding}
+        for rec in holding:
+            if now - self._holding_since[rec.job_id] < HOLD_SWEEP_SECS:
+                continue
+            try:
+                confirmed = await self._confirm_hold(rec)
+            except Unavailable:
+                return False
+            except AitbcError:
+                continue  # refused for good: the job is gone
+            log.info("hold_confirmed_late", job_id=rec.job_id, state=confirmed.state)
+        return True
 
     async def _lease_loop(self) -> None:
         while True:
             await asyncio.sleep(min(1.0, self.settings.lease_secs / 4))
             try:
                 self._sweep_tokens()
-                await self._sweep_holding()
                 # Here, not only in the dispatcher: with every slot busy it
                 # stops before the jobs at the back of the queue.
                 for job_id, due in list(self._referee_due.items()):
@@ -1444,35 +1538,86 @@ class Coordinator:
                             self._referee_due.pop(job_id, None)
                         else:
                             await self._unrefereed(rec, since)
+                # A client's deadline is a wall-clock time by contract: it
+                # is read against the wall clock (README, Clocks).
                 expirable = [st.QUEUED, *st.LEASED]
                 for rec in await self.db(self.store.expired, time.time(), expirable):
                     await self._end(rec, expirable, st.EXPIRED, "deadline passed before a verified result")
-                for rec in await self.db(self.store.lapsed_leases, time.time()):
-                    session = self.sessions.get(rec.miner_id)
-                    if session is not None:
-                        session.leases.pop(rec.lease_id, None)
-                        session.healthy = False
-                        session.outbox.put_nowait(
-                            cpb.ConnectResponse(
-                                cancel=cpb.CancelAssignment(lease_id=rec.lease_id, reason="lease lapsed")
-                            )
-                        )
-                    await self._retry_or_fail(rec, st.LEASED, "lease lapsed", expect_lease=rec.lease_id)
-                now = time.time()
-                for rec in await self.db(self.store.overrun_leases, now):
-                    if rec.miner_id in self.sessions:
-                        await self._take_back(rec)
-                # A miner whose stream is on another replica is that one's
-                # to stop (it can tell the miner to cancel); here only once
-                # that replica is a lease late, or gone.
-                for rec in await self.db(self.store.overrun_leases, now - self.settings.lease_secs):
-                    if rec.miner_id not in self.sessions:
-                        await self._take_back(rec)
+                scan_started = self.leases.now()
+                rows = await self.db(self.store.live_leases)
+                self.leases.observe([LeaseRow(*r) for r in rows], scan_started)
+                for lease in self.leases.lapsed():
+                    await self._lapse(lease)
+                for lease in self.leases.overrun():
+                    job = await self.db(self.store.get, lease.job_id)
+                    if job is not None and job.lease_id == lease.lease_id and job.state in st.LEASED:
+                        await self._take_back(job)
+                    self.leases.ended(lease.lease_id)
                 if time.monotonic() - self._last_bounds_sweep > BOUNDS_SWEEP_SECS:
                     self._last_bounds_sweep = time.monotonic()
                     await self.db(self.store.forget_lease_bounds)
             except Exception:
                 log.exception("lease_loop_error")
+
+    async def _lapse(self, lease: Lease) -> None:
+        """Requeue a lease nobody renewed in time: its miner went silent on
+        a stream here, or left and did not come back within the grace, or
+        (held elsewhere) its holder stopped renewing it."""
+        rec = await self.db(self.store.get, lease.job_id)
+        if rec is None or rec.lease_id != lease.lease_id or rec.state not in st.LEASED:
+            self.leases.ended(lease.lease_id)  # it ended meanwhile
+            return
+        why = "lease lapsed"
+        if lease.holder == GONE:
+            why = f"miner {rec.miner_id} did not reconnect within {self.settings.reconnect_grace_secs:g} s"
+        session = self.sessions.get(rec.miner_id)
+        if session is not None and session.leases.pop(rec.lease_id, None) is not None:
+            # Quiet on an open stream (paused, wedged): no new work until it
+            # heartbeats again.
+            session.healthy = False
+            session.outbox.put_nowait(
+                cpb.ConnectResponse(cancel=cpb.CancelAssignment(lease_id=rec.lease_id, reason="lease lapsed"))
+            )
+        await self._retry_or_fail(rec, st.LEASED, why, expect_lease=rec.lease_id)
+        self.leases.ended(lease.lease_id)
+
+    # -- retention ----------------------------------------------------------
+
+    async def _retention_loop(self) -> None:
+        while True:
+            try:
+                await self._sweep_retention()
+            except Exception:
+                log.exception("retention_sweep_error")
+            await asyncio.sleep(self.settings.retention_sweep_secs)
+
+    async def _sweep_retention(self) -> None:
+        """One batch of each: results to expire, finished rows to delete,
+        old blobs no job needs; and the blob folder's size for the metric."""
+        now = time.time()
+        keep = self.settings.result_retention_days * DAY
+        expired = deleted = 0
+        if keep > 0:
+            expired = await self.db(self.store.expire_results, _utc(now - keep).isoformat(), BATCH)
+            if self.settings.job_retention_days > 0:
+                cutoff = _utc(now - self.settings.job_retention_days * DAY).isoformat()
+                deleted = await self.db(self.store.delete_finished, cutoff, BATCH)
+        old_before = now - keep if keep > 0 else -math.inf
+        scan = await asyncio.to_thread(self.blob_files.scan, old_before, BATCH)
+        files = size = 0
+        if scan.old:
+            refs_read_at = time.monotonic()
+            needed = await self.db(self.store.referenced_blobs, scan.old)
+            files, size = await asyncio.to_thread(
+                self.blob_files.delete, [d for d in scan.old if d not in needed], refs_read_at, old_before
+            )
+        stale = await asyncio.to_thread(self.blob_files.sweep_incoming, now)
+        M.RESULT_BLOB_BYTES.set(scan.bytes - size)
+        M.RESULT_BLOBS.set(scan.count - files)
+        M.RESULT_BLOBS_DELETED.inc(files)
+        if expired or deleted or files or stale:
+            log.info("retention_swept", results_expired=expired, jobs_deleted=deleted, blobs_deleted=files,
+                     bytes_freed=size, stale_uploads=stale or None)  # fmt: skip
 
     # -- settlement outbox --------------------------------------------------
 
@@ -1482,53 +1627,70 @@ class Coordinator:
                 await asyncio.wait_for(self._outbox_wake.wait(), timeout=1.0)
             self._outbox_wake.clear()
             try:
-                due = await self.db(self.store.due_outbox, time.time(), 500)
+                # The store's next_attempt is wall-clock, for a restart and
+                # other replicas; what this process scheduled is timed on
+                # its monotonic clock, so a clock step neither holds a retry
+                # back for an hour nor lets the backlog loose at once.
+                now, mono = time.time(), time.monotonic()
+                stored = await self.db(self.store.due_outbox, now, 500, now + 2 * OUTBOX_MAX_DELAY)
+                due = [i for i in stored if self._outbox_due.get((i.job_id, i.kind), -math.inf) <= mono]
+                for key in [k for k, at in self._outbox_due.items() if at < mono - 2 * OUTBOX_MAX_DELAY]:
+                    del self._outbox_due[key]  # delivered by another replica
                 settles = [i for i in due if i.kind == "settle"]
+                reached = True
                 if len(settles) > 1:
                     # Under load, one wallet call settles the whole backlog.
-                    await self._deliver_settlements(settles)
+                    reached = await self._deliver_settlements(settles)
                 elif settles:
-                    await self._deliver(settles[0])
-                for item in due:
-                    if item.kind == "release":
-                        await self._deliver(item)
+                    reached = await self._deliver(settles[0])
+                # An absent wallet makes every call wait out its deadline:
+                # one try a pass until it answers again.
+                for item in due if reached else []:
+                    if item.kind == "release" and not await self._deliver(item):
+                        break
                 if len(due) == 500:
                     self._outbox_wake.set()
             except Exception:
                 log.exception("outbox_loop_error")
 
-    async def _deliver_settlements(self, items: list[st.OutboxItem]) -> None:
+    async def _deliver_settlements(self, items: list[st.OutboxItem]) -> bool:
+        """False when the wallet could not be reached."""
         log.info("settlements_batched", count=len(items))
         try:
             results = await self.wallet.settle_many([signing_pb2.Signed.FromString(i.payload) for i in items])
         except WalletError as err:
             for item in items:
                 await self._retry_later(item, str(err))
-            return
+            return not err.unreachable
         for item, result in zip(items, results, strict=True):
             if result.HasField("error"):
                 e = result.error
                 await self._retry_later(item, f"{e.code} {e.reason}: {e.message}")
             else:
                 await self._settled(item, result.hold)
+        return True
 
-    async def _deliver(self, item: st.OutboxItem) -> None:
+    async def _deliver(self, item: st.OutboxItem) -> bool:
+        """False when the wallet could not be reached."""
         try:
             if item.kind == "settle":
                 await self._settled(item, await self.wallet.settle(signing_pb2.Signed.FromString(item.payload)))
-                return
+                return True
             await self.wallet.release(item.job_id, item.payload.decode(errors="replace"))
         except WalletError as err:
             if item.kind == "release" and err.code.name == "NOT_FOUND":
                 log.info("no_hold_to_release", job_id=item.job_id)
             else:
                 await self._retry_later(item, str(err))
-                return
+                return not err.unreachable
         new = await self.db(self.store.outbox_done, item.job_id, "release", from_states=[], hold_state="RELEASED")
+        self._outbox_due.pop((item.job_id, item.kind), None)
         log.info("hold_released", job_id=item.job_id)
         self._publish(new)
+        return True
 
     async def _settled(self, item: st.OutboxItem, hold: Any) -> None:
+        self._outbox_due.pop((item.job_id, item.kind), None)
         new = await self.db(
             self.store.outbox_done, item.job_id, "settle", from_states=[st.SETTLING], state=st.SETTLED,
             hold_state="SETTLED",
@@ -1542,8 +1704,9 @@ class Coordinator:
     async def _retry_later(self, item: st.OutboxItem, error: str) -> None:
         # Retried until the wallet answers: the wallet dedupes on the job id,
         # so a retry of a settlement that did land pays nothing more.
-        delay = min(30.0, 0.5 * 2 ** min(item.attempts, 6)) * random.uniform(0.8, 1.2)
+        delay = min(OUTBOX_MAX_DELAY, 0.5 * 2 ** min(item.attempts, 6)) * random.uniform(0.8, 1.2)
         log.warning("settlement_retry", job_id=item.job_id, kind=item.kind, error=error, retry_in=round(delay, 2))
+        self._outbox_due[(item.job_id, item.kind)] = time.monotonic() + delay
         await self.db(self.store.outbox_retry, item.job_id, item.kind, time.time() + delay, error)
 
 
@@ -1599,6 +1762,13 @@ def _dispute_since(runs: list[Run]) -> float | None:
         return None
     # Runs judged before this rule carry no time: wait from now.
     return max(r.returned_at for r in pending) or time.time()
+
+
+def _close_banned(session: MinerSession) -> None:
+    """End a banned miner's stream. It cannot come back, so its other
+    leases are requeued as the stream ends, not after the reconnect grace."""
+    session.draining = True
+    session.outbox.put_nowait(None)
 
 
 def _excluding(rec: JobRecord, miner_id: str) -> str:

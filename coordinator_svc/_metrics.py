@@ -38,6 +38,12 @@ MINER_EARNINGS = Counter(
 )  # fmt: skip
 MINERS = Gauge("aitbc_miners_connected", "Miner streams open here", registry=REGISTRY)
 FREE_SLOTS = Gauge("aitbc_miner_free_slots", "Assignments connected miners can take now", registry=REGISTRY)
+# Set by each retention sweep (RETENTION_SWEEP_SECS), which stats every blob.
+RESULT_BLOB_BYTES = Gauge("aitbc_result_blobs_bytes", "Bytes of result blobs in BLOBS_DIR", registry=REGISTRY)
+RESULT_BLOBS = Gauge("aitbc_result_blobs", "Result blobs in BLOBS_DIR", registry=REGISTRY)
+RESULT_BLOBS_DELETED = Counter(
+    "aitbc_result_blobs_deleted_total", "Result blobs deleted by retention", registry=REGISTRY
+)
 # Each miner's GPUs, from its last heartbeat.
 GPU = gpu_gauges("aitbc_gpu", ["miner_id", "gpu"])
 

@@ -71,6 +71,7 @@ def job_pb(rec: JobRecord, progress: tuple[float, str] | None = None) -> cpb.Job
         create_time=ts_from_iso(rec.create_time),
         update_time=ts_from_iso(rec.update_time),
         runs_needed=rec.runs_needed,
+        version=rec.version,
         runs=[
             cpb.RunRecord(
                 miner_id=r.miner_id,

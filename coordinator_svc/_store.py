@@ -14,6 +14,7 @@ find its own change and report that someone else moved the job first."""
 from __future__ import annotations
 
 import functools
+import json
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aitbc.dbfaults import StoreHealth
-from aitbc.sqlite import SqliteStore, apply_postgres_schema
+from aitbc.sqlite import SqliteStore, apply_postgres_schema, postgres_schema
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -59,10 +60,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     runs_needed    INTEGER NOT NULL DEFAULT 1,
     verification   BLOB NOT NULL DEFAULT x'',
     runs           TEXT NOT NULL DEFAULT '[]',
+    version        INTEGER NOT NULL DEFAULT 0,
+    result_expired INTEGER NOT NULL DEFAULT 0,
     UNIQUE (client_name, request_id)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, create_time);
 CREATE INDEX IF NOT EXISTS jobs_by_client ON jobs(client_name, create_time, job_id);
+CREATE INDEX IF NOT EXISTS jobs_by_output ON jobs(output_sha256);
 CREATE TABLE IF NOT EXISTS miners (
     miner_id       TEXT PRIMARY KEY,
     public_key     BLOB NOT NULL,
@@ -108,6 +112,7 @@ HOLDING = "HOLDING"
 QUEUED, ASSIGNED, RUNNING, VERIFYING = "QUEUED", "ASSIGNED", "RUNNING", "VERIFYING"
 SETTLING, SETTLED, FAILED, CANCELLED, EXPIRED = "SETTLING", "SETTLED", "FAILED", "CANCELLED", "EXPIRED"
 TERMINAL = frozenset({SETTLED, FAILED, CANCELLED, EXPIRED})
+ALL_STATES = (HOLDING, QUEUED, ASSIGNED, RUNNING, VERIFYING, SETTLING, SETTLED, FAILED, CANCELLED, EXPIRED)
 LEASED = (ASSIGNED, RUNNING)
 
 
@@ -153,9 +158,20 @@ class JobRecord:
     verification: bytes = b""
     # JSON list of the results miners returned (see _jobs.Run).
     runs: str = "[]"
+    # Raised by one with every change of the job, in the store: what orders
+    # two snapshots of it, as a wall clock that steps cannot.
+    version: int = 0
+    # 1 once retention deleted its result (RESULT_RETENTION_DAYS).
+    result_expired: int = 0
 
 
 _COLUMNS = [f.name for f in fields(JobRecord)]
+# Columns added after schema version 4, each with a default older builds
+# never read: added in place to a database made before them (ADD COLUMN),
+# so the version, and a rollback to the build before, stay possible.
+ADDED_COLUMNS = {"version": "INTEGER NOT NULL DEFAULT 0", "result_expired": "INTEGER NOT NULL DEFAULT 0"}
+# Made after the columns above, so never before them on an older database.
+ADDED_INDEXES = ["CREATE INDEX IF NOT EXISTS jobs_by_retention ON jobs(result_expired, state, update_time)"]
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
 
 
@@ -310,7 +326,7 @@ class JobStore:
                 return None
             changes["update_time"] = now_iso()
             sets = ", ".join(f"{k} = ?" for k in changes)
-            db.execute(f"UPDATE jobs SET {sets} WHERE job_id = ?", [*changes.values(), job_id])
+            db.execute(f"UPDATE jobs SET {sets}, version = version + 1 WHERE job_id = ?", [*changes.values(), job_id])
             if outbox is not None:
                 db.execute(
                     "INSERT INTO outbox(job_id, kind, payload) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
@@ -356,21 +372,16 @@ class JobStore:
         return [JobRecord(*r) for r in rows]
 
     @_idempotent
-    def lapsed_leases(self, now: float) -> list[JobRecord]:
-        with self._read() as db:
-            rows = db.execute(f"{_SELECT} WHERE state IN (?, ?) AND lease_deadline < ?", (*LEASED, now)).fetchall()
-        return [JobRecord(*r) for r in rows]
-
-    @_idempotent
-    def overrun_leases(self, now: float) -> list[JobRecord]:
-        """Leased jobs past their run-time bound."""
+    def live_leases(self) -> list[tuple[str, str, str, float, float]]:
+        """(job id, lease id, miner id, lease deadline, run deadline or 0)
+        of every leased job: what the lease clock reconciles with."""
         with self._read() as db:
             rows = db.execute(
-                f"{_SELECT} WHERE state IN (?, ?) AND lease_id IN "
-                "(SELECT lease_id FROM lease_bounds WHERE run_deadline < ?)",
-                (*LEASED, now),
+                "SELECT j.job_id, j.lease_id, j.miner_id, j.lease_deadline, COALESCE(b.run_deadline, 0) "
+                "FROM jobs j LEFT JOIN lease_bounds b ON b.lease_id = j.lease_id WHERE j.state IN (?, ?)",
+                LEASED,
             ).fetchall()
-        return [JobRecord(*r) for r in rows]
+        return [(r[0], r[1], r[2], float(r[3]), float(r[4])) for r in rows]
 
     @_idempotent
     def run_deadlines(self, lease_ids: Iterable[str]) -> dict[str, float]:
@@ -442,6 +453,74 @@ class JobStore:
                 (deadline, miner_id, *LEASED),
             )
             return cur.rowcount
+
+    # -- retention -------------------------------------------------------
+
+    @_idempotent
+    def expire_results(self, ended_before: str, limit: int) -> int:
+        """Mark expired the results of up to `limit` jobs that ended before
+        `ended_before` (ISO time); their update_time stays their end."""
+        ended = sorted(TERMINAL)
+        with self._tx() as db:
+            ids = [
+                r[0]
+                for r in db.execute(
+                    f"SELECT job_id FROM jobs WHERE result_expired = 0 AND state IN ({', '.join('?' * len(ended))}) "
+                    "AND update_time < ? LIMIT ?",
+                    [*ended, ended_before, limit],
+                ).fetchall()
+            ]
+            if ids:
+                db.execute(
+                    f"UPDATE jobs SET result_expired = 1, version = version + 1 "
+                    f"WHERE job_id IN ({', '.join('?' * len(ids))})",
+                    ids,
+                )
+        return len(ids)
+
+    @_idempotent
+    def delete_finished(self, ended_before: str, limit: int) -> int:
+        """Delete up to `limit` jobs that ended before `ended_before`, whose
+        result expired and whose refund or payment was delivered, with their
+        outbox rows."""
+        ended = sorted(TERMINAL)
+        with self._tx() as db:
+            ids = [
+                r[0]
+                for r in db.execute(
+                    f"SELECT job_id FROM jobs WHERE result_expired = 1 AND state IN ({', '.join('?' * len(ended))}) "
+                    "AND update_time < ? AND NOT EXISTS "
+                    "(SELECT 1 FROM outbox o WHERE o.job_id = jobs.job_id AND o.done = 0) LIMIT ?",
+                    [*ended, ended_before, limit],
+                ).fetchall()
+            ]
+            if ids:
+                marks = ", ".join("?" * len(ids))
+                for table in ("outbox", "lease_bounds", "jobs"):
+                    db.execute(f"DELETE FROM {table} WHERE job_id IN ({marks})", ids)
+        return len(ids)
+
+    @_idempotent
+    def referenced_blobs(self, digests: list[str]) -> set[str]:
+        """Which of these blobs (hex) a job still needs: the output of one
+        whose result is kept, or any run's output of one in progress."""
+        if not digests:
+            return set()
+        open_states = [s for s in ALL_STATES if s not in TERMINAL]
+        with self._read() as db:
+            rows = db.execute(
+                f"SELECT output_sha256 FROM jobs WHERE result_expired = 0 "
+                f"AND output_sha256 IN ({', '.join('?' * len(digests))})",
+                [bytes.fromhex(d) for d in digests],
+            ).fetchall()
+            runs = db.execute(
+                f"SELECT runs FROM jobs WHERE state IN ({', '.join('?' * len(open_states))}) AND runs != '[]'",
+                open_states,
+            ).fetchall()
+        needed = {bytes(r[0]).hex() for r in rows}
+        for (text,) in runs:
+            needed.update(r.get("output_sha256", "") for r in json.loads(text))
+        return needed & set(digests)
 
     # -- miners ----------------------------------------------------------
 
@@ -525,12 +604,15 @@ class JobStore:
     # -- outbox ----------------------------------------------------------
 
     @_idempotent
-    def due_outbox(self, now: float, limit: int = 100) -> list[OutboxItem]:
+    def due_outbox(self, now: float, limit: int = 100, latest: float = float("inf")) -> list[OutboxItem]:
+        """Undelivered items due by `now`, and any scheduled after `latest`:
+        no retry waits that long, so the clock that scheduled it was ahead
+        of this one (a step back) and it is overdue."""
         with self._read() as db:
             rows = db.execute(
-                "SELECT job_id, kind, payload, attempts FROM outbox WHERE done = 0 AND next_attempt <= ? "
-                "ORDER BY next_attempt LIMIT ?",
-                (now, limit),
+                "SELECT job_id, kind, payload, attempts FROM outbox WHERE done = 0 "
+                "AND (next_attempt <= ? OR next_attempt > ?) ORDER BY next_attempt LIMIT ?",
+                (now, latest, limit),
             ).fetchall()
         return [OutboxItem(r[0], r[1], bytes(r[2]), r[3]) for r in rows]
 
@@ -555,10 +637,12 @@ class JobStore:
             if cur.state in states:
                 changes["update_time"] = now_iso()
                 sets = ", ".join(f"{k} = ?" for k in changes)
-                db.execute(f"UPDATE jobs SET {sets} WHERE job_id = ?", [*changes.values(), job_id])
+                db.execute(
+                    f"UPDATE jobs SET {sets}, version = version + 1 WHERE job_id = ?", [*changes.values(), job_id]
+                )
             elif "hold_state" in changes:
                 db.execute(
-                    "UPDATE jobs SET hold_state = ?, update_time = ? WHERE job_id = ?",
+                    "UPDATE jobs SET hold_state = ?, update_time = ?, version = version + 1 WHERE job_id = ?",
                     (changes["hold_state"], now_iso(), job_id),
                 )
             new = self._get(db, job_id)
@@ -572,6 +656,15 @@ class JobStore:
 class SqliteJobStore(SqliteStore, JobStore):
     SCHEMA = SCHEMA
     SCHEMA_VERSION = 4
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, decl in ADDED_COLUMNS.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+        for sql in ADDED_INDEXES:
+            self._db.execute(sql)
 
     def close(self) -> None:
         SqliteStore.close(self)
@@ -610,6 +703,10 @@ class PostgresJobStore(JobStore):
             apply_postgres_schema(
                 cur, SCHEMA, name="coordinator", version=SqliteJobStore.SCHEMA_VERSION, lock=self.SCHEMA_LOCK
             )
+            for name, decl in ADDED_COLUMNS.items():
+                cur.execute(f"ALTER TABLE jobs ADD COLUMN IF NOT EXISTS {name} {postgres_schema(decl)}")
+            for sql in ADDED_INDEXES:
+                cur.execute(sql)
         self.health = StoreHealth("coordinator")
         self._pg = PgConnections(dsn, name="coordinator", health=self.health, min_size=1, max_size=4)
         # LISTEN needs a connection of its own, held while it works; a pool

@@ -21,6 +21,12 @@ class WalletError(Exception):
         self.reason = reason
         self.message = message
 
+    @property
+    def unreachable(self) -> bool:
+        """The wallet did not answer (down, restarting, cut off), rather
+        than answered no: the next call would most likely wait as long."""
+        return self.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
     def to_domain(self) -> AitbcError:
         """What a client of the coordinator is told."""
         if self.code == grpc.StatusCode.FAILED_PRECONDITION:

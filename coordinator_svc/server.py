@@ -25,6 +25,28 @@ OPTIONS = [
     Option("NETWORK_ID", str, "aitbc-devnet", "network receipts and settlements name"),
     Option("HEARTBEAT_SECS", float, 5.0, "heartbeat interval asked of miners"),
     Option("LEASE_SECS", float, 30.0, "lease length; heartbeats extend it"),
+    Option(
+        "RECONNECT_GRACE_SECS",
+        float,
+        30.0,
+        "a miner whose stream ends keeps its leases this long: reconnecting within it, it delivers their results "
+        "and nothing runs again; past it they are requeued (0: requeued at once)",
+    ),
+    Option(
+        "RESULT_RETENTION_DAYS",
+        float,
+        7.0,
+        "a job's result is deleted this long after the job ended (GetJobResult then says RESULT_EXPIRED); "
+        "a blob other kept jobs share stays for them; 0 keeps results for ever",
+    ),
+    Option(
+        "JOB_RETENTION_DAYS",
+        float,
+        30.0,
+        "a finished job's row (GetJob, ListJobs, its request_id) is deleted this long after it ended, never before "
+        "its result; at least RESULT_RETENTION_DAYS; 0 keeps rows for ever",
+    ),
+    Option("RETENTION_SWEEP_SECS", float, 60.0, "how often retention deletes a batch and measures the blob store"),
     Option("MAX_ATTEMPTS", int, 3, "dispatch attempts before a job fails"),
     Option("FEE_BPS", int, 500, "treasury fee, in basis points of the price"),
     Option("BAN_AFTER", int, 3, "refused results after which a miner is banned"),
