@@ -32,7 +32,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from aitbc import __version__, crypto
 from aitbc.addresses import address_of
 from aitbc.auth import auth_metadata
-from aitbc.rpc import channel, error_reason
+from aitbc.rpc import channel, error_reason, retry_after
 from aitbc.signed import BadSignature, open_signed, seal
 from aitbc.tls import TlsConfig
 from aitbc.v1 import coordinator_pb2 as cpb
@@ -40,6 +40,8 @@ from aitbc.v1 import coordinator_pb2_grpc, signing_pb2, wallet_pb2, wallet_pb2_g
 
 EXIT_UNSETTLED, EXIT_USAGE, EXIT_RPC, EXIT_UNVERIFIED = 1, 2, 3, 4
 UAIT = 1_000_000
+# How long `submit` asks again a coordinator that answers UNAVAILABLE.
+SUBMIT_RETRY_SECS = 120.0
 TERMINAL = {cpb.JOB_STATE_SETTLED, cpb.JOB_STATE_FAILED, cpb.JOB_STATE_CANCELLED, cpb.JOB_STATE_EXPIRED}
 DTYPES = {"fp32": workloads_pb2.DTYPE_FP32, "fp16": workloads_pb2.DTYPE_FP16, "bf16": workloads_pb2.DTYPE_BF16}
 
@@ -249,9 +251,24 @@ def build_spec(args: argparse.Namespace) -> cpb.JobSpec:
 
 async def cmd_submit(c: Client, args: argparse.Namespace, out: TextIO) -> int:
     spec = build_spec(args)
-    resp = await c.coord.SubmitJob(
-        cpb.SubmitJobRequest(spec=spec, request_id=args.request_id or secrets.token_hex(8)), metadata=c.md, timeout=30
-    )
+    request_id = args.request_id or secrets.token_hex(8)
+    # A coordinator whose wallet or database is away says UNAVAILABLE with
+    # a RetryInfo: ask again, with the same request id, so a submit it had
+    # half done is finished rather than made twice.
+    give_up = time.monotonic() + SUBMIT_RETRY_SECS
+    while True:
+        try:
+            resp = await c.coord.SubmitJob(
+                cpb.SubmitJobRequest(spec=spec, request_id=request_id), metadata=c.md, timeout=30
+            )
+            break
+        except grpc.aio.AioRpcError as err:
+            delay = retry_after(err)
+            if err.code() != grpc.StatusCode.UNAVAILABLE or delay is None or time.monotonic() + delay > give_up:
+                raise
+            print(f"{err.code().name} {error_reason(err)}: {err.details()}; retrying request {request_id} "
+                  f"in {delay:g} s", file=sys.stderr, flush=True)  # fmt: skip
+            await asyncio.sleep(delay)
     job = resp.job
     runs = f", {job.runs_needed} runs" if job.runs_needed > 1 else ""
     print(f"submitted {job.job_id}  price {ait(job.price)}{runs}", file=out, flush=True)

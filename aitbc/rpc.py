@@ -120,6 +120,19 @@ def normalize_target(url: str) -> str:
     return parse_endpoint(url).target
 
 
+def retry_after(err: grpc.aio.AioRpcError) -> float | None:
+    """The RetryInfo delay of a failed call in seconds: the service said
+    the same call may succeed then. None if it said nothing of the kind."""
+    for key, value in err.trailing_metadata() or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            for detail in status_pb2.Status.FromString(value).details:
+                if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                    info = error_details_pb2.RetryInfo()
+                    detail.Unpack(info)
+                    return float(info.retry_delay.ToTimedelta().total_seconds())
+    return None
+
+
 def error_reason(err: grpc.aio.AioRpcError) -> str:
     """The ErrorInfo reason of a failed call, or "" if it has none."""
     for key, value in err.trailing_metadata() or ():

@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from aitbc.crypto import save_key
 from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import coordinator_pb2_grpc, workloads_pb2
 from coordinator_svc._leases import GONE, LOCAL, REMOTE, LeaseClock, LeaseRow
@@ -267,6 +268,43 @@ async def wallet_away_during_a_restart(
     await books_balance(clients, minted, jobs, {"miner": "miner-1"})
     log = network.log("coordinator").read_text()
     assert '"event": "hold_confirmed_late"' in log
+
+
+async def test_the_cli_retries_a_submit_until_the_wallet_is_back(network: Network) -> None:
+    """`aitbc submit` while the wallet is down: the coordinator says
+    UNAVAILABLE with RetryInfo, the command asks again with the same
+    request id, and once the wallet is back the one job runs and settles."""
+    network.start_wallet()
+    wallet_port = network.ports["wallet"]
+    network.start_coordinator("--lease-secs", "5", "--heartbeat-secs", "0.5")
+    network.start_miner("miner")
+    minted = 100_000_000
+    async with connected(network) as clients:
+        await clients.mint("client", minted)
+        network.stop("wallet", signal.SIGKILL)
+        client = network.ids["client"]
+        assert client.key is not None
+        save_key(network.root / "client.key", client.key)
+        env = {
+            **os.environ, "AITBC_COORDINATOR": network.coord_target, "AITBC_WALLET": network.wallet_target,
+            "AITBC_TOKEN": client.token, "AITBC_KEY_FILE": str(network.root / "client.key"),
+        }  # fmt: skip
+        cli = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "aitbc"), "submit", "matmul", "--n", "64", "--request-id", "cli-1",
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert cli.stderr is not None
+        first = await asyncio.wait_for(cli.stderr.readline(), 60)
+        assert b"UNAVAILABLE WALLET_UNAVAILABLE" in first and b"retrying request cli-1" in first, first
+        network.start_wallet(port=wallet_port)
+        out, err = await asyncio.wait_for(cli.communicate(), 120)
+        assert cli.returncode == 0, (out, first + err)
+        assert b"SETTLED" in out, out
+        listed = await clients.coord.ListJobs(cpb.ListJobsRequest(), metadata=md(client), timeout=10)
+        assert len(listed.jobs) == 1 and listed.jobs[0].state == cpb.JOB_STATE_SETTLED
+        await books_balance(clients, minted, list(listed.jobs), {"miner": "miner-1"})
+    network.stop_all()
+    wallet_check(network)
 
 
 # -- a miner's stream cut ------------------------------------------------------
