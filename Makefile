@@ -8,7 +8,7 @@ PROTO_SRC := $(wildcard protos/aitbc/v1/*.proto)
 PROTO_STAMP := aitbc/v1/.generated
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install protos run test bench lint clean certs gpu-wheels gpu-check
+.PHONY: install protos run test bench soak lint clean certs gpu-wheels gpu-check
 
 install: $(STAMP)
 
@@ -39,6 +39,11 @@ test: install protos
 
 bench: install protos
 	$(PY) -m bench
+
+# Minutes of load with miners killed, against bounds on the coordinator's
+# memory, open files and disk (bench/soak.py); never part of `make test`.
+soak: install protos
+	$(PY) -m bench.soak
 
 lint: install protos
 	$(VENV)/bin/ruff check .
