@@ -27,6 +27,7 @@ from coordinator_svc._leases import GONE, LOCAL, REMOTE, LeaseClock, LeaseRow
 from tests.conftest import ROOT, Network, eventually, md
 from tests.test_db_faults import status_details
 from tests.test_e2e import Clients, matmul_spec
+from tests.test_hostile_identity import revoke
 from tests.test_metrics import scrape, value
 
 pytestmark = pytest.mark.timeout(300)
@@ -617,6 +618,10 @@ class QuietMiner:
         await self._channel.close()
 
     async def _read(self) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError):  # closed on it, as the test may mean to
+            await self._read_all()
+
+    async def _read_all(self) -> None:
         async for msg in self._call:
             kind = msg.WhichOneof("msg")
             if kind == "assignment" and not self.assignment.done():
@@ -690,5 +695,32 @@ async def test_a_clock_step_on_the_coordinator_moves_no_lease_retry_or_watch(net
         skew = final[0].update_time.ToNanoseconds() / 1e9 - time.time()
         assert abs(skew - (3600 if step == "+1h" else -3600)) < 300, skew
         await books_balance(clients, minted, final, {"miner": "miner-1", "miner3": "miner-3"})
+    network.stop_all()
+    wallet_check(network)
+
+
+async def test_a_revoked_tokens_leases_go_back_at_once_not_after_the_grace(network: Network) -> None:
+    """The grace is for links that drop, not for streams closed for cause:
+    with a ten-minute grace, a miner whose token is revoked still loses its
+    job within seconds, and the job is paid to another."""
+    network.start_wallet()
+    network.start_coordinator("--lease-secs", "5", "--heartbeat-secs", "0.5", "--reconnect-grace-secs", "600")
+    minted = 100_000_000
+    async with connected(network) as clients:
+        await clients.mint("client", minted)
+        async with QuietMiner(network) as quiet:
+            job = await clients.submit(matmul_spec(n=64))
+            assert (await asyncio.wait_for(quiet.assignment, 30)).job_id == job.job_id
+            await state_is(clients, job.job_id, cpb.JOB_STATE_RUNNING)
+            revoked_at = time.monotonic()
+            revoke(network, "miner3")
+            await state_is(clients, job.job_id, cpb.JOB_STATE_QUEUED, timeout=30)
+            assert time.monotonic() - revoked_at < 30  # the grace is 600 s
+        network.start_miner("miner")
+        final = await ended(clients, job.job_id)
+        assert (final.state, final.miner_id, final.attempts) == (cpb.JOB_STATE_SETTLED, "miner-1", 2)
+        await books_balance(clients, minted, [final], {"miner": "miner-1"})
+        assert await clients.balance(quiet.ident.address) == (0, 0)
+    assert "requeued: miner miner-3 disconnected" in network.log("coordinator").read_text()
     network.stop_all()
     wallet_check(network)
