@@ -93,6 +93,12 @@ def dashboard() -> dict[str, Any]:
         panel(23, "Escrow", [
             ("max(aitbc_wallet_held_uait) / 1e6", "held (AIT)"), ("max(aitbc_wallet_open_holds)", "open holds")],
             16, 51),
+        row(24, "Result storage", 59),
+        panel(25, "Result blobs (bytes)", [("max(aitbc_result_blobs_bytes)", "BLOBS_DIR")], 0, 60, w=12,
+              unit="bytes"),
+        panel(26, "Result blobs (count) and deleted by retention per second", [
+            ("max(aitbc_result_blobs)", "blobs"),
+            (f"sum(rate(aitbc_result_blobs_deleted_total[{RATE}]))", "deleted/s")], 12, 60, w=12),
     ]  # fmt: skip
     return {
         "uid": "aitbc-overview",
