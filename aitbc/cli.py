@@ -32,8 +32,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from aitbc import __version__, crypto
 from aitbc.addresses import address_of
 from aitbc.auth import auth_metadata
+from aitbc.errors import InvalidArgument
 from aitbc.rpc import channel, error_reason, retry_after
-from aitbc.signed import BadSignature, open_signed, seal
+from aitbc.signed import open_signed, seal
 from aitbc.tls import TlsConfig
 from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import coordinator_pb2_grpc, signing_pb2, wallet_pb2, wallet_pb2_grpc, workloads_pb2
@@ -403,12 +404,12 @@ def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
             signing_pb2.ReceiptBody,
         )  # fmt: skip
         print(f"receipt     signed by miner key {job.receipt.public_key.hex()[:16]}…: valid", file=out)
-    except BadSignature as exc:
+    except InvalidArgument as exc:
         raise Failed(f"receipt: {exc.message}", EXIT_UNVERIFIED) from None
     try:
         settlement = open_signed(job.settlement, crypto.SETTLEMENT_DOMAIN, coordinator_key, signing_pb2.SettlementBody)
         print("settlement  signed by the coordinator key: valid", file=out)
-    except BadSignature as exc:
+    except InvalidArgument as exc:
         raise Failed(f"settlement: {exc.message}", EXIT_UNVERIFIED) from None
     checks = [
         (settlement.receipt_sha256 == crypto.sha256(job.receipt.body), "the settlement pays for this receipt"),

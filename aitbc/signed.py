@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError, Message
 from aitbc import crypto
 from aitbc.errors import InvalidArgument
 from aitbc.v1 import signing_pb2
+from aitbc.wellformed import check_fields
 
 M = TypeVar("M", bound=Message)
 
@@ -29,7 +30,11 @@ def seal(message: Message, domain: str, key: crypto.KeyPair) -> signing_pb2.Sign
     return signing_pb2.Signed(body=body, signature=key.sign(domain, body), public_key=key.public_key)
 
 
-def open_signed(signed: signing_pb2.Signed, domain: str, expected_key: bytes | None, cls: type[M]) -> M:
+def open_signed(
+    signed: signing_pb2.Signed, domain: str, expected_key: bytes | None, cls: type[M], name: str = "body"
+) -> M:
+    """The body, once its signature, encoding and fields (times in range, no
+    NUL in a string; InvalidArgument naming `name.field`) are checked."""
     if expected_key is not None and signed.public_key != expected_key:
         raise BadSignature("signed by a key other than the one registered", field="public_key")
     if not crypto.verify(domain, signed.body, signed.signature, signed.public_key):
@@ -44,4 +49,6 @@ def open_signed(signed: signing_pb2.Signed, domain: str, expected_key: bytes | N
     msg.DiscardUnknownFields()
     if msg.SerializeToString(deterministic=True) != signed.body:
         raise BadSignature("signed body is not in canonical encoding (unknown or repeated fields)", field="body")
+    # What the signer signed can still be what no handler should act on.
+    check_fields(msg, f"{name}.")
     return msg

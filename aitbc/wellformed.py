@@ -1,6 +1,6 @@
 """What every request passes before its handler runs, in every service:
 unknown fields are dropped, and each Timestamp and Duration in it must be
-one protobuf's own conversions accept.
+one protobuf's own conversions accept; no string holds a NUL.
 
 Unknown fields would otherwise be kept, stored and sent on (a job spec
 padded with megabytes of them was stored and re-read at every dispatch).
@@ -14,7 +14,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from google.protobuf.descriptor import Descriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from aitbc.errors import InvalidArgument
@@ -45,9 +45,9 @@ def check_duration(d: Any, field: str) -> None:
 
 
 @cache
-def _holds_times(desc: Descriptor) -> bool:
-    """Whether a message of this type can hold a Timestamp or Duration at
-    any depth: most requests cannot, and are not walked."""
+def _needs_walk(desc: Descriptor) -> bool:
+    """Whether a message of this type can hold a Timestamp, a Duration or a
+    string at any depth: those that cannot are not walked."""
     seen: set[str] = set()
     todo = [desc]
     while todo:
@@ -57,22 +57,40 @@ def _holds_times(desc: Descriptor) -> bool:
         if d.full_name in seen:
             continue
         seen.add(d.full_name)
+        if any(f.type == FieldDescriptor.TYPE_STRING for f in d.fields):
+            return True
         todo += [f.message_type for f in d.fields if f.message_type is not None]
     return False
 
 
-def check_times(msg: Message, prefix: str = "") -> None:
-    """Every Timestamp and Duration set in `msg`, at any depth, named by its
-    path ("spec.deadline_time") when it is out of range."""
-    if not _holds_times(msg.DESCRIPTOR):
+def _check_text(text: str, field: str) -> None:
+    # PostgreSQL text cannot hold NUL (the write fails deep in a handler),
+    # and no name, id or address here has a use for one.
+    if "\x00" in text:
+        raise InvalidArgument(f"{field} must not contain a NUL character", field=field)
+
+
+def check_fields(msg: Message, prefix: str = "") -> None:
+    """Every Timestamp, Duration and string set in `msg`, at any depth,
+    named by its path ("spec.deadline_time") when it is out of range."""
+    if not _needs_walk(msg.DESCRIPTOR):
         return
     for f, value in msg.ListFields():
-        if f.message_type is None or not _holds_times(f.message_type):
-            continue
         name = f"{prefix}{f.name}"
+        if f.type == FieldDescriptor.TYPE_STRING:
+            for i, text in enumerate(value) if f.is_repeated else ((None, value),):
+                _check_text(text, name if i is None else f"{name}[{i}]")
+            continue
+        if f.message_type is None or not _needs_walk(f.message_type):
+            continue
         if f.is_repeated and f.message_type.GetOptions().map_entry:
-            scalar = f.message_type.fields_by_name["value"].message_type is None
-            items = [] if scalar else [(f"{name}[{k!r}]", v) for k, v in value.items()]
+            key_f, value_f = f.message_type.fields_by_name["key"], f.message_type.fields_by_name["value"]
+            for k in value:
+                if key_f.type == FieldDescriptor.TYPE_STRING:
+                    _check_text(k, f"{name} key")
+                if value_f.type == FieldDescriptor.TYPE_STRING:
+                    _check_text(value[k], f"{name}[{k!r}]")
+            items = [] if value_f.message_type is None else [(f"{name}[{k!r}]", v) for k, v in value.items()]
         elif f.is_repeated:
             items = [(f"{name}[{i}]", v) for i, v in enumerate(value)]
         else:
@@ -84,11 +102,12 @@ def check_times(msg: Message, prefix: str = "") -> None:
             elif kind == DURATION:
                 check_duration(item, path)
             else:
-                check_times(item, f"{path}.")
+                check_fields(item, f"{path}.")
 
 
 def well_formed(request: Message) -> Message:
-    """The request, without unknown fields and with its times checked."""
+    """The request, without unknown fields, its times checked and no NUL in
+    its strings."""
     request.DiscardUnknownFields()
-    check_times(request)
+    check_fields(request)
     return request

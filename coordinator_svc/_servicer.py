@@ -31,6 +31,12 @@ log = structlog.get_logger()
 HELLO_TIMEOUT = 10.0
 # GPUs one miner may declare: each is a set of metric labels while it is here.
 MAX_GPUS = 64
+# A hello is held for the stream's life: each list in it is bounded by far
+# more than an honest sidecar sends (it holds at most slots + prefetch leases).
+MAX_HELLO_LEASES = 1024
+MAX_WORKLOADS = 32
+MAX_MODELS = 256
+MAX_NAME = 128
 
 _STATE = {
     st.HOLDING: cpb.JOB_STATE_QUEUED,
@@ -214,7 +220,7 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
     ) -> cpb.RotateKeyResponse:
         caller = principal()
         _check_names_miner(caller.miner_id)
-        body = open_signed(request.rotation, crypto.KEY_ROTATION_DOMAIN, None, signing_pb2.KeyRotationBody)
+        body = open_signed(request.rotation, crypto.KEY_ROTATION_DOMAIN, None, signing_pb2.KeyRotationBody, "rotation")
         if body.network_id != self._core.settings.network_id:
             raise FailedPrecondition("the rotation names another network", reason="WRONG_NETWORK")
         if body.miner_id != caller.miner_id:
@@ -255,6 +261,7 @@ class MinerGatewayServicer(coordinator_pb2_grpc.MinerGatewayServiceServicer):
             raise InvalidArgument(
                 f"capabilities.gpus may list at most {MAX_GPUS} GPUs", field="hello.capabilities.gpus"
             )
+        _check_hello_lists(hello)
         standing = await self._core.db(self._core.store.standing, hello.miner_id)
         if self._core.banned(standing):
             raise PermissionDenied(
@@ -344,6 +351,23 @@ def _check_names_miner(token_miner_id: str) -> None:
             "this miner token names no miner id: ask the operator for one issued with --miner-id",
             reason="NO_MINER_ID",
         )
+
+
+def _check_hello_lists(hello: cpb.MinerHello) -> None:
+    caps = hello.capabilities
+    leases, models = list(hello.in_flight_lease_ids), [n for m in caps.models for n in (m.workload, m.name)]
+    lists: list[tuple[str, int, int, list[str]]] = [
+        ("hello.in_flight_lease_ids", len(leases), MAX_HELLO_LEASES, leases),
+        ("hello.capabilities.workloads", len(caps.workloads), MAX_WORKLOADS, list(caps.workloads)),
+        ("hello.capabilities.models", len(caps.models), MAX_MODELS, models),
+    ]
+    for field, count, most, names in lists:
+        if count > most:
+            raise InvalidArgument(f"{field} may list at most {most} entries, got {count}", field=field)
+        if any(len(n) > MAX_NAME for n in names):
+            raise InvalidArgument(f"{field} entries must be at most {MAX_NAME} characters each", field=field)
+    if len(hello.version) > MAX_NAME:
+        raise InvalidArgument(f"hello.version must be at most {MAX_NAME} characters", field="hello.version")
 
 
 class CoordinatorAdminServicer(coordinator_pb2_grpc.CoordinatorAdminServiceServicer):

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 
 from aitbc import crypto
 from aitbc.errors import InvalidArgument
-from aitbc.signed import BadSignature, open_signed
+from aitbc.signed import open_signed
 from aitbc.v1 import coordinator_pb2, signing_pb2
-from aitbc.wellformed import check_times
 from aitbc.workloads.registry import workload_of
 from coordinator_svc._store import JobRecord
 
@@ -41,13 +40,9 @@ def check_result(
     and digest, taken as it streamed in): nothing here reads the output.
     ACCEPTED means the output may now be checked (Workload.check_file)."""
     try:
-        body = open_signed(receipt, crypto.RECEIPT_DOMAIN, miner_key, signing_pb2.ReceiptBody)
-    except BadSignature as exc:
-        return Outcome(BAD_SIGNATURE, f"receipt refused: {exc.message}")
-    try:
-        # Its usage is shown to the client: a time no conversion accepts
-        # would break every reader of the job.
-        check_times(body, "receipt.")
+        # Its fields are checked too: a time no conversion accepts would
+        # break every reader of the job its usage is shown on.
+        body = open_signed(receipt, crypto.RECEIPT_DOMAIN, miner_key, signing_pb2.ReceiptBody, "receipt")
     except InvalidArgument as exc:
         return Outcome(BAD_SIGNATURE, f"receipt refused: {exc.message}")
     bindings = {

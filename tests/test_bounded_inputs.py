@@ -418,3 +418,75 @@ async def test_a_receipt_with_impossible_times_is_refused_and_not_paid(clients: 
     assert final.state == cpb.JOB_STATE_FAILED and not final.HasField("usage")
     await refunded(clients)
     assert await clients.balance(net.ids["cheater"].address) == (0, 0)
+
+
+async def test_a_nul_in_any_string_and_overlong_hello_lists_are_invalid_argument(
+    network: Network, pg_server: Any
+) -> None:
+    """On PostgreSQL, whose text cannot hold NUL: a NUL anywhere (a request
+    id, a model name, a signed transfer's memo, a hello's miner id) was a
+    failed write deep in a handler, answered INTERNAL. Each is refused at the
+    gate naming its field, and the services go on."""
+    network.start_wallet(db=pg_server.new_database())
+    network.start_coordinator(coord_db=pg_server.new_database())
+    clients = Clients(network)
+    client, admin = md(network.ids["client"]), md(network.ids["admin"])
+
+    async def refused(call: Any, field: str) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, err.value.details())
+        assert field_of(err.value) == field, (field, err.value.details())
+
+    try:
+        await clients.mint("client", FUNDS)
+        await refused(clients.submit(matmul_spec(n=8), request_id="a\x00b"), "request_id")
+        spec = cpb.JobSpec(llm_gen=workloads_pb2.LlmGenParams(model="tiny\x00gpt2", prompt="hi"), max_price=10**6)
+        await refused(clients.submit(spec), "spec.llm_gen.model")
+        await refused(clients.coord.GetJob(cpb.GetJobRequest(job_id="job_\x00"), metadata=client), "job_id")
+        mint = wallet_pb2.MintRequest(address=network.ids["client"].address, amount=1, request_id="\x00")
+        await refused(clients.wallet.Mint(mint, metadata=admin), "request_id")
+        alice, bob = network.ids["client"], network.ids["client2"]
+        assert alice.key is not None
+        body = signing_pb2.TransferBody(
+            network_id="aitbc-devnet", from_address=alice.address, to_address=bob.address, amount=5,
+            request_id="memo-nul", memo="thanks\x00",
+        )  # fmt: skip
+        transfer = wallet_pb2.TransferRequest(transfer=seal(body, crypto.TRANSFER_DOMAIN, alice.key))
+        await refused(clients.wallet.Transfer(transfer, metadata=client), "transfer.memo")
+
+        def hello(**change: Any) -> cpb.MinerHello:
+            h = RawMiner(network).hello
+            for name, value in change.items():
+                if name == "miner_id":
+                    h.miner_id = value
+                elif name == "version":
+                    h.version = value
+                elif name == "leases":
+                    h.in_flight_lease_ids.extend(value)
+                elif name == "workloads":
+                    h.capabilities.workloads.extend(value)
+                elif name == "model":
+                    h.capabilities.models.add(workload="llm_gen", name=value)
+            return h
+
+        async def hello_refused(h: cpb.MinerHello, field: str) -> None:
+            async with grpc.aio.insecure_channel(network.coord_target) as ch:
+                call = coordinator_pb2_grpc.MinerGatewayServiceStub(ch).Connect(metadata=md(network.ids["miner3"]))
+                await call.write(cpb.ConnectRequest(hello=h))
+                await refused(call.read(), field)
+
+        await hello_refused(hello(miner_id="miner-3\x00"), "hello.miner_id")
+        await hello_refused(hello(leases=[f"lease_{i}" for i in range(1025)]), "hello.in_flight_lease_ids")
+        await hello_refused(hello(leases=["l" * 129]), "hello.in_flight_lease_ids")
+        await hello_refused(hello(workloads=[f"w{i}" for i in range(33)]), "hello.capabilities.workloads")
+        await hello_refused(hello(model="m" * 129), "hello.capabilities.models")
+        await hello_refused(hello(version="v" * 129), "hello.version")
+        # The same hello within its bounds is welcomed, and the ledger whole.
+        async with RawMiner(network) as miner:
+            assert miner.call is not None
+        assert await clients.balance(alice.address) == (FUNDS, 0)
+        job = await clients.submit(matmul_spec(n=8))
+        assert job.job_id
+    finally:
+        await clients.close()

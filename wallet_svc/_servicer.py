@@ -182,7 +182,7 @@ class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
         self, request: wallet_pb2.TransferRequest, context: grpc.aio.ServicerContext
     ) -> wallet_pb2.TransferResponse:
         signed = request.transfer
-        body = open_signed(signed, crypto.TRANSFER_DOMAIN, None, signing_pb2.TransferBody)
+        body = open_signed(signed, crypto.TRANSFER_DOMAIN, None, signing_pb2.TransferBody, "transfer")
         self._check_network("transfer", body.network_id)
         check_address(body.from_address, field="transfer.from_address")
         check_address(body.to_address, field="transfer.to_address")
@@ -222,7 +222,9 @@ class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
             )
 
     def _open_settlement(self, signed: signing_pb2.Signed) -> Settlement:
-        body = open_signed(signed, crypto.SETTLEMENT_DOMAIN, self._coordinator_key, signing_pb2.SettlementBody)
+        body = open_signed(
+            signed, crypto.SETTLEMENT_DOMAIN, self._coordinator_key, signing_pb2.SettlementBody, "settlement"
+        )
         self._check_network("settlement", body.network_id)
         check_address(body.client_address, field="settlement.client_address")
         check_address(body.miner_address, field="settlement.miner_address")
