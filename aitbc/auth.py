@@ -113,6 +113,12 @@ class TokenTable:
         self._maybe_reload(force=fresh)
         return self._by_hash.get(token_sha256)
 
+    def speaks_for_miner(self, miner_id: str) -> bool:
+        """Whether a live miner token names this miner id, looking at the
+        file now: a run held for agreement is paid only if one does."""
+        self._maybe_reload(force=True)
+        return any(p.role == "miner" and p.miner_id == miner_id and not p.expired for p in self._by_hash.values())
+
     def _maybe_reload(self, *, force: bool = False) -> None:
         if self._path is None or (not force and time.monotonic() - self._checked < self.RELOAD_SECS):
             return

@@ -76,14 +76,16 @@ async def serve(conf: dict) -> int:
     except SchemaMismatch as exc:
         raise SystemExit(str(exc)) from None
     wallet = WalletClient(conf["WALLET_TARGET"], conf["WALLET_TOKEN"], TlsConfig.from_config(conf))
+    tokens = TokenTable.load(conf["TOKENS_FILE"])
     core = Coordinator(
         store=store,
+        miner_token_live=tokens.speaks_for_miner,
         wallet=wallet,
         key=load_or_create_key(conf["KEY_FILE"]),
         settings=settings,
         blobs_dir=conf["BLOBS_DIR"],
     )
-    service, port = build_server(conf, CoordinatorDeps(core=core, tokens=TokenTable.load(conf["TOKENS_FILE"])))
+    service, port = build_server(conf, CoordinatorDeps(core=core, tokens=tokens))
     watch_store(store)
     watch_sidecar_versions(lambda: [s.version for s in list(core.sessions.values())])
     metrics = serve_metrics(conf["METRICS_PORT"], conf["METRICS_HOST"], conf["READY_FILE"])

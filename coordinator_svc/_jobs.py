@@ -57,7 +57,15 @@ from coordinator_svc._checks import CheckRunner, independent, pick_at_random
 from coordinator_svc._leases import GONE, Lease, LeaseClock, LeaseRow
 from coordinator_svc._retention import BATCH, DAY, BlobFiles
 from coordinator_svc._store import JobRecord, JobStore
-from coordinator_svc._verify import ACCEPTED, BAD_OUTPUT, DISAGREED, PENDING, check_result, unread_size_problem
+from coordinator_svc._verify import (
+    ACCEPTED,
+    BAD_OUTPUT,
+    DISAGREED,
+    PENDING,
+    WITHDRAWN,
+    check_result,
+    unread_size_problem,
+)
 from coordinator_svc._wallet import WalletClient, WalletError
 
 log = structlog.get_logger()
@@ -338,7 +346,10 @@ class Coordinator:
         key: crypto.KeyPair,
         settings: Settings,
         blobs_dir: Path,
+        miner_token_live: Callable[[str], bool] = lambda miner_id: True,
     ) -> None:
+        # Whether a live token still speaks for a miner id (TokenTable).
+        self.miner_token_live = miner_token_live
         self.store = store
         self.wallet = wallet
         self.key = key
@@ -1325,8 +1336,24 @@ class Coordinator:
             await self._refuse(session, rec, run, runs)
             return
         assert up is not None
+        # The check can take seconds: a token revoked meanwhile is not paid
+        # either. The run is not recorded against the miner, only dropped.
+        why = self._token_refusal(session, fresh=True)
+        if why is not None:
+            up.path.unlink(missing_ok=True)
+            await self._retry_or_fail(rec, [st.VERIFYING], f"result from {session.miner_id} not paid: {why.message}",
+                                      refused_miners=_excluding(rec, session.miner_id))  # fmt: skip
+            await self._ack(session, lease_id, "VERDICT_UNSPECIFIED", f"{why.message}; result refused")
+            self._close_for_token(session, why)
+            return
         output = await asyncio.to_thread(self.blob_files.put, up.path, run.output_sha256)
         run.verdict = PENDING
+        # A run held for agreement whose miner lost every token since (revoked,
+        # expired) is withdrawn: it is neither paid nor counted as agreeing.
+        for r in runs:
+            if r.verdict == PENDING and not self.miner_token_live(r.miner_id):
+                r.verdict, r.detail = WITHDRAWN, "not paid: no live token speaks for this miner any more"
+                log.info("run_withdrawn", job_id=rec.job_id, miner_id=r.miner_id)
         pending = [r for r in runs if r.verdict == PENDING]
         # Pending runs that disagree already: this run is a referee's.
         run.referee = _dispute_since(runs) is not None

@@ -17,6 +17,8 @@ ACCEPTED, BAD_SIGNATURE, BAD_OUTPUT = "ACCEPTED", "BAD_SIGNATURE", "BAD_OUTPUT"
 PENDING = "PENDING"
 # Disagrees with the result other miners agreed on, or copies a receipt.
 DISAGREED = "DISAGREED"
+# Held for agreement, then its miner lost every token: never paid.
+WITHDRAWN = "WITHDRAWN"
 
 
 @dataclass(frozen=True)

@@ -305,6 +305,51 @@ async def test_a_result_racing_its_tokens_revocation_is_not_paid(network: Networ
     books_are_clean(network)
 
 
+async def test_a_run_held_for_agreement_is_withdrawn_when_its_token_is_revoked(network: Network) -> None:
+    """A redundant job's first run is held until a second agrees: revoking
+    that miner's token meanwhile means its run is never paid, and the job
+    needs another agreeing run instead."""
+    network.start_wallet()
+    network.start_coordinator()
+    clients = Clients(network)
+    address = network.ids["miner3"].address
+    try:
+        await clients.mint("client", 10**8)
+        before = await clients.balance(network.ids["client"].address)
+        spec = matmul_spec(n=16, max_price=10**6)
+        spec.verification.redundant.k = 2
+        job = await clients.submit(spec)
+        async with Stream(network, "miner3", key_of(network, "miner3"), network.coord_target) as revoked:
+            await revoked.next("welcome")
+            a = await revoked.next("assignment")
+            revoked.accept(a)
+            revoked.deliver(a)
+            assert (await revoked.next("ack")).verdict == cpb.VERDICT_PENDING
+            revoke(network, "miner3")
+            assert await revoked.status(timeout=10) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_REVOKED")
+        for who in ("miner2", "miner"):
+            async with Stream(network, who, key_of(network, who), network.coord_target) as honest:
+                await honest.next("welcome")
+                a = await honest.next("assignment")
+                assert a.job_id == job.job_id
+                honest.accept(a)
+                honest.deliver(a)
+                verdict = (await honest.next("ack")).verdict
+                assert verdict == (cpb.VERDICT_PENDING if who == "miner2" else cpb.VERDICT_ACCEPTED), (who, verdict)
+        final = (await clients.watch(job.job_id))[-1]
+        assert final.state == cpb.JOB_STATE_SETTLED, final
+        runs = {r.miner_id: r.verdict for r in final.runs}
+        assert runs == {"miner-3": cpb.VERDICT_WITHDRAWN, "miner-2": cpb.VERDICT_ACCEPTED,
+                        "miner-1": cpb.VERDICT_ACCEPTED}, runs  # fmt: skip
+        assert await clients.balance(address) == (0, 0), "the revoked miner was paid"
+        for who in ("miner2", "miner"):
+            assert await clients.balance(network.ids[who].address) == (final.miner_amount // 2, 0)
+        assert await clients.balance(network.ids["client"].address) == (before[0] - final.price, 0)
+    finally:
+        await clients.close()
+    books_are_clean(network)
+
+
 async def test_an_expired_tokens_open_stream_is_closed_and_its_job_paid_elsewhere(network: Network) -> None:
     network.start_wallet()
     network.start_coordinator()
