@@ -369,7 +369,7 @@ class Coordinator:
         # unconfirmed, for the hold loop.
         self._holding_since: dict[str, float] = {}
         self.checks = CheckRunner(settings.check_memory_bytes, settings.check_threads)
-        # job id -> when its wait for a referee ends (epoch), while it waits.
+        # job id -> when its wait for a referee ends (time.monotonic()).
         self._referee_due: dict[str, float] = {}
         self._wake = asyncio.Event()
         self._outbox_wake = asyncio.Event()
@@ -832,8 +832,15 @@ class Coordinator:
         REFEREE_WAIT_SECS since: without one nothing says who was right, so
         nobody is paid or judged and the client is refunded. Until then,
         note when to look again; True if it ended."""
-        due = since + self.settings.referee_wait_secs
-        if time.time() < due:
+        wait = self.settings.referee_wait_secs
+        due = self._referee_due.get(rec.job_id)
+        if due is None:
+            # First seen here (after a restart, or another replica judged the
+            # run): `since` is a wall-clock time, so what is left of the wait
+            # is clamped to [0, wait], and from then on the monotonic clock
+            # counts it, as every wait in the coordinator (README, Clocks).
+            due = time.monotonic() + min(max(since + wait - time.time(), 0.0), wait)
+        if time.monotonic() < due:
             self._referee_due[rec.job_id] = due
             return False
         self._referee_due.pop(rec.job_id, None)
@@ -1395,7 +1402,7 @@ class Coordinator:
             requeue_detail=True,
         )
         if disputed:
-            self._referee_due[rec.job_id] = run.returned_at + self.settings.referee_wait_secs
+            self._referee_due[rec.job_id] = time.monotonic() + self.settings.referee_wait_secs
         await self._ack(session, lease_id, "VERDICT_PENDING", run.detail, reputation=session.reputation)
 
     async def _refuse(self, session: MinerSession, rec: JobRecord, run: Run, runs: list[Run]) -> None:
@@ -1558,7 +1565,7 @@ class Coordinator:
                 # Here, not only in the dispatcher: with every slot busy it
                 # stops before the jobs at the back of the queue.
                 for job_id, due in list(self._referee_due.items()):
-                    if due <= time.time():
+                    if due <= time.monotonic():
                         rec = await self.db(self.store.get, job_id)
                         since = _dispute_since(load_runs(rec)) if rec is not None and rec.state == st.QUEUED else None
                         if rec is None or since is None:
