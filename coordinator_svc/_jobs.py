@@ -1153,7 +1153,14 @@ class Coordinator:
             log.info("miner_draining", miner_id=session.miner_id)
         deadline = time.time() + self.settings.lease_secs
         self.leases.renewed(session.leases, deadline)
-        await self.db(self.store.extend_leases, session.miner_id, deadline)
+        try:
+            await self.db(self.store.extend_leases, session.miner_id, deadline)
+        except StorageUnavailable:
+            # The lease lives here, renewed above; the stored deadline is for
+            # other replicas and restarts. Ending the stream for it would
+            # cost every running job its lease once the outage outlasts the
+            # reconnect grace. Health already says NOT_SERVING.
+            pass
         if not session.healthy:
             session.healthy = True
             log.info("miner_healthy_again", miner_id=session.miner_id)
@@ -1250,10 +1257,14 @@ class Coordinator:
                             "this miner's key was replaced: a receipt under the old key is refused")  # fmt: skip
             self._close_stale(session)  # after the ack: it learns why
             return
-        session.leases.pop(lease_id, None)
-        rec = await self.db(
-            self.store.transition, job_id, from_states=st.LEASED, expect_lease=lease_id, state=st.VERIFYING
+        # Through an outage of the database this waits, the lease still on
+        # the session so heartbeats keep it: a result is not lost to one.
+        rec = await self._until_stored(
+            lambda: self.db(
+                self.store.transition, job_id, from_states=st.LEASED, expect_lease=lease_id, state=st.VERIFYING
+            )
         )
+        session.leases.pop(lease_id, None)
         if rec is None:
             await self._ack(session, lease_id, "VERDICT_UNSPECIFIED", "lease no longer valid: result refused")
             if up:

@@ -33,7 +33,8 @@ from aitbc.pg import RETRY_SECS
 from aitbc.v1 import coordinator_pb2 as cpb
 from aitbc.v1 import coordinator_pb2_grpc, wallet_pb2, wallet_pb2_grpc
 from tests.conftest import ROOT, Network, eventually, md
-from tests.test_e2e import matmul_spec
+from tests.test_e2e import Clients, matmul_spec
+from tests.test_rekey import Stream, get_job
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -475,3 +476,59 @@ def test_a_call_that_may_have_committed_runs_again_only_if_idempotent(pg_server:
         assert "may have been made" in lost.value.message
     finally:
         pg.close()
+
+
+async def test_a_job_running_through_a_database_outage_longer_than_its_lease_costs_no_attempt(
+    network: Network, own_pg: Any
+) -> None:
+    """The coordinator's database is away for longer than a lease and the
+    reconnect grace together while a miner runs a job, and the result comes
+    back in the middle of it. Heartbeats could not be stored: they ended the
+    miner's stream, the lease lapsed and the job ran again elsewhere. Now
+    the stream and the lease stay, the result waits for the database, and
+    the job settles on its first attempt."""
+    network.start_wallet()
+    network.start_coordinator(
+        "--lease-secs", "3", "--heartbeat-secs", "0.5", "--reconnect-grace-secs", "1",
+        coord_db=own_pg.new_database(),
+    )  # fmt: skip
+    clients = Clients(network)
+    key = network.ids["miner3"].key
+    assert key is not None
+    try:
+        await clients.mint("client", 10**8)
+        job = await clients.submit(matmul_spec(n=16))
+        async with Stream(network, "miner3", key, network.coord_target) as miner:
+            await miner.next("welcome")
+            a = await miner.next("assignment")
+            miner.accept(a)
+
+            async def heartbeats() -> None:
+                while True:
+                    miner.out.put_nowait(cpb.ConnectRequest(heartbeat=cpb.MinerHeartbeat(free_slots=0)))
+                    await asyncio.sleep(0.5)
+
+            beating = asyncio.create_task(heartbeats())
+            try:
+
+                async def running() -> None:
+                    assert (await get_job(clients, job.job_id)).state == cpb.JOB_STATE_RUNNING
+
+                await eventually(running, timeout=15)
+                outage = asyncio.create_task(asyncio.to_thread(own_pg.restart, 12.0))
+                await asyncio.sleep(6)  # lease (3 s) and grace (1 s) both past
+                miner.deliver(a)
+                await outage
+                ack = await miner.next("ack", timeout=60)
+                assert ack.verdict == cpb.VERDICT_ACCEPTED, ack
+                assert not miner.ended.done(), await miner.status()
+            finally:
+                beating.cancel()
+        final = (await clients.watch(job.job_id))[-1]
+        assert (final.state, final.attempts, final.miner_id) == (cpb.JOB_STATE_SETTLED, 1, "miner-3"), final
+        assert await clients.balance(network.ids["miner3"].address) == (final.miner_amount, 0)
+    finally:
+        await clients.close()
+    network.stop_all()
+    code, output = wallet_check(network, str(network.root / "wallet.sqlite"))
+    assert code == 0, output
