@@ -34,8 +34,12 @@ $(PROTO_STAMP): $(PROTO_SRC) $(STAMP)
 run: install protos
 	$(PY) -m aitbc.devnet
 
+# Tests side by side: most of a real-process test is waiting (on leases,
+# outages, process starts), about a third of a core each on this kind of
+# machine, so four share two cores well. TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 4
 test: install protos
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist worksteal) $(PYTEST_ARGS)
 
 bench: install protos
 	$(PY) -m bench

@@ -58,8 +58,23 @@ class TempPostgres:
     def start(self) -> TempPostgres:
         data = self.dir / "data"
         self._run("initdb", "-D", str(data), "-A", "trust", "-U", self.user, "-E", "UTF8", "--no-sync")
-        self._start()
+        # The port was free when chosen, seconds ago; with tests running side
+        # by side another server may have bound it since. Choose again.
+        for attempt in range(3):
+            try:
+                self._start()
+                return self
+            except PostgresUnavailable:
+                if attempt == 2 or "could not bind" not in self._log_tail():
+                    raise
+                self.port = _free_port()
         return self
+
+    def _log_tail(self) -> str:
+        try:
+            return (self.dir / "log").read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
 
     def _start(self) -> None:
         self._run(
