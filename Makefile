@@ -8,7 +8,7 @@ PROTO_SRC := $(wildcard protos/aitbc/v1/*.proto)
 PROTO_STAMP := aitbc/v1/.generated
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install protos run test bench soak lint clean certs gpu-wheels gpu-check
+.PHONY: install protos run test bench e2e soak lint clean certs gpu-wheels gpu-check
 
 install: $(STAMP)
 
@@ -41,8 +41,14 @@ TEST_WORKERS ?= 4
 test: install protos
 	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist worksteal) $(PYTEST_ARGS)
 
+# `make bench e2e` runs only the coordinator's end-to-end bench (bench/e2e.py,
+# ~20 minutes); QUICK=1 makes it a short run that only prints its table.
 bench: install protos
-	$(PY) -m bench
+	$(PY) -m bench $(filter e2e,$(MAKECMDGOALS)) $(if $(QUICK),--quick)
+
+# A goal only so that `make bench e2e` parses; the work is bench's.
+e2e:
+	@:
 
 # Minutes of load with miners killed, against bounds on the coordinator's
 # memory, open files and disk (bench/soak.py); never part of `make test`.

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from aitbc.pgtemp import PostgresUnavailable, TempPostgres
-from bench import miner_overhead, wallet_settlements, workloads
+from bench import e2e, miner_overhead, wallet_settlements, workloads
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- bench:wallet:begin -->", "<!-- bench:wallet:end -->"
@@ -122,16 +122,23 @@ PARTS = {
     "wallet": (BEGIN, END, "Wallet settlements", wallet_section),
     "miner": (MBEGIN, MEND, "Miner harness overhead", miner_section),
     "workloads": (WBEGIN, WEND, "Workloads: verification cost and throughput", workloads_section),
+    "e2e": (e2e.BEGIN, e2e.END, "Coordinator end to end (`make bench e2e`)", lambda: ""),
 }
+# What plain `make bench` runs: e2e takes ~20 minutes and runs only when named.
+DEFAULT = ["wallet", "miner", "workloads"]
 
 
 def main(argv: list[str]) -> None:
-    """`python -m bench [wallet] [miner] [workloads]`: the named parts, or all; each part's
-    section of BENCHMARKS.md is rewritten as soon as it is measured."""
+    """`python -m bench [wallet] [miner] [workloads] [e2e [--quick] [--runs=N]]`: the named
+    parts, or all but e2e; each part's section of BENCHMARKS.md is rewritten as soon as it is
+    measured (a --quick e2e run only prints its table)."""
     path = ROOT / "BENCHMARKS.md"
-    for name in argv or list(PARTS):
+    flags = [a for a in argv if a.startswith("--")]
+    for name in [a for a in argv if not a.startswith("--")] or DEFAULT:
         begin, end, title, measure = PARTS[name]
-        section = measure()
+        section = e2e.main(flags) if name == "e2e" else measure()
+        if section is None:
+            continue
         text = path.read_text() if path.exists() else "# Benchmarks\n\n"
         path.write_text(_put(text, begin, end, section, title))
         print(f"wrote {name} to {path}")
