@@ -206,6 +206,8 @@ class MinerSession:
     leases: dict[str, tuple[str, int]] = field(default_factory=dict)
     uploads: dict[str, Upload] = field(default_factory=dict)
     connected_at: float = field(default_factory=time.monotonic)
+    # When its leases' deadline was last written to the store (monotonic).
+    leases_stored_at: float = 0.0
     # False from a lapsed lease until the next heartbeat: a miner that went
     # quiet (paused, wedged) gets no new work while it is quiet.
     healthy: bool = True
@@ -228,10 +230,13 @@ class MinerSession:
     # Why the token that opened the stream no longer speaks for it (revoked,
     # expired), or None while it does; True looks at the tokens file now.
     token_check: Callable[[bool], AitbcError | None] | None = None
+    # Set once its hello's leases are reconciled (miner_joined): a job
+    # assigned before that was taken for one it came back without.
+    joined: bool = False
 
     @property
     def accepts_work(self) -> bool:
-        return self.healthy and not self.draining
+        return self.joined and self.healthy and not self.draining
 
     @property
     def free_slots(self) -> int:
@@ -1022,6 +1027,7 @@ class Coordinator:
             workloads=sorted(session.workloads),
             version=session.version,
         )
+        session.joined = True
         self.wake()
 
     async def check_miner_key(self, miner_id: str) -> None:
@@ -1151,16 +1157,22 @@ class Coordinator:
         if draining and not session.draining:
             session.draining = True
             log.info("miner_draining", miner_id=session.miner_id)
+        # Liveness is kept here; the store's deadline is for other replicas
+        # and restarts, which only need to see it move within a lease (they
+        # wait a lease and a grace). So: no write for a miner holding
+        # nothing, and at most one per third of a lease for one that does.
+        now = time.monotonic()
+        store = bool(session.leases) and now - session.leases_stored_at >= self.settings.lease_secs / 3
         deadline = time.time() + self.settings.lease_secs
-        self.leases.renewed(session.leases, deadline)
-        try:
-            await self.db(self.store.extend_leases, session.miner_id, deadline)
-        except StorageUnavailable:
-            # The lease lives here, renewed above; the stored deadline is for
-            # other replicas and restarts. Ending the stream for it would
-            # cost every running job its lease once the outage outlasts the
-            # reconnect grace. Health already says NOT_SERVING.
-            pass
+        self.leases.renewed(session.leases, deadline if store else None)
+        if store:
+            session.leases_stored_at = now
+            # The lease lives here, renewed above. Ending the stream because
+            # the database is away would cost every running job its lease
+            # once the outage outlasts the reconnect grace; health already
+            # says NOT_SERVING.
+            with suppress(StorageUnavailable):
+                await self.db(self.store.extend_leases, session.miner_id, deadline)
         if not session.healthy:
             session.healthy = True
             log.info("miner_healthy_again", miner_id=session.miner_id)

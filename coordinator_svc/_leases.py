@@ -112,13 +112,16 @@ class LeaseClock:
         self._ended.pop(lease_id, None)
         return run_due
 
-    def renewed(self, lease_ids: Iterable[str], stored: float) -> None:
-        """Its miner heartbeated here."""
+    def renewed(self, lease_ids: Iterable[str], stored: float | None) -> None:
+        """Its miner heartbeated here; `stored` is the deadline written to
+        the store with it, None when this heartbeat wrote none."""
         expires = self.now() + self.lease_secs
         for lease_id in lease_ids:
             lease = self._leases.get(lease_id)
             if lease is not None:
-                lease.holder, lease.expires, lease.stored = LOCAL, expires, stored
+                lease.holder, lease.expires = LOCAL, expires
+                if stored is not None:
+                    lease.stored = stored
 
     def gone(self, lease_ids: Iterable[str]) -> None:
         """Its miner's stream here ended: the lease waits out the grace."""
