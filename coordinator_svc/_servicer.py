@@ -366,8 +366,6 @@ def _check_hello_lists(hello: cpb.MinerHello) -> None:
             raise InvalidArgument(f"{field} may list at most {most} entries, got {count}", field=field)
         if any(len(n) > MAX_NAME for n in names):
             raise InvalidArgument(f"{field} entries must be at most {MAX_NAME} characters each", field=field)
-    if len(hello.version) > MAX_NAME:
-        raise InvalidArgument(f"hello.version must be at most {MAX_NAME} characters", field="hello.version")
 
 
 class CoordinatorAdminServicer(coordinator_pb2_grpc.CoordinatorAdminServiceServicer):

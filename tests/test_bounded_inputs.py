@@ -460,8 +460,6 @@ async def test_a_nul_in_any_string_and_overlong_hello_lists_are_invalid_argument
             for name, value in change.items():
                 if name == "miner_id":
                     h.miner_id = value
-                elif name == "version":
-                    h.version = value
                 elif name == "leases":
                     h.in_flight_lease_ids.extend(value)
                 elif name == "workloads":
@@ -481,7 +479,6 @@ async def test_a_nul_in_any_string_and_overlong_hello_lists_are_invalid_argument
         await hello_refused(hello(leases=["l" * 129]), "hello.in_flight_lease_ids")
         await hello_refused(hello(workloads=[f"w{i}" for i in range(33)]), "hello.capabilities.workloads")
         await hello_refused(hello(model="m" * 129), "hello.capabilities.models")
-        await hello_refused(hello(version="v" * 129), "hello.version")
         # The same hello within its bounds is welcomed, and the ledger whole.
         async with RawMiner(network) as miner:
             assert miner.call is not None

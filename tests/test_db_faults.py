@@ -499,9 +499,6 @@ async def test_a_job_running_through_a_database_outage_longer_than_its_lease_cos
         await clients.mint("client", 10**8)
         job = await clients.submit(matmul_spec(n=16))
         async with Stream(network, "miner3", key, network.coord_target) as miner:
-            await miner.next("welcome")
-            a = await miner.next("assignment")
-            miner.accept(a)
 
             async def heartbeats() -> None:
                 while True:
@@ -510,11 +507,15 @@ async def test_a_job_running_through_a_database_outage_longer_than_its_lease_cos
 
             beating = asyncio.create_task(heartbeats())
             try:
+                await miner.next("welcome")
+                a = await miner.next("assignment")
+                miner.accept(a)
 
                 async def running() -> None:
-                    assert (await get_job(clients, job.job_id)).state == cpb.JOB_STATE_RUNNING
+                    j = await get_job(clients, job.job_id)
+                    assert j.state == cpb.JOB_STATE_RUNNING, (cpb.JobState.Name(j.state), j.status_detail)
 
-                await eventually(running, timeout=15)
+                await eventually(running, timeout=30)
                 outage = asyncio.create_task(asyncio.to_thread(own_pg.restart, 12.0))
                 await asyncio.sleep(6)  # lease (3 s) and grace (1 s) both past
                 miner.deliver(a)
