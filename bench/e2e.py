@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import multiprocessing as mp
 import os
 import secrets
@@ -74,7 +75,7 @@ class Options:
     runs: int = 3
     # Seconds each measured window lasts, after `warmup` unmeasured ones:
     # short, so that the whole bench stays near 20 minutes on 2 cores.
-    window: float = 6.0
+    window: float = 5.0
     warmup: float = 1.5
     light: float = 3.0
     submitters: int = 16
@@ -617,6 +618,11 @@ def idle_run(kind: str, opts: Options) -> dict[str, Any]:
     if len(lat) < len(sub):
         problems.append(f"{len(sub) - len(lat)} of {len(sub)} trickled jobs never reached a miner")
     fig: dict[str, Any] = {k: median([w[k] for w in windows]) for k in windows[0]}
+    if fig["hb_pct"] > 90:
+        problems.append(
+            f"the coordinator spent {fig['hb_pct']:.0f} % of a core on heartbeats and did not keep up with them: "
+            "its CPU per heartbeat is counted per heartbeat sent, a floor"
+        )
     fig.update(welcomed=welcomed, connect_s=connect_s, rss0=rss0, windows=windows, problems=problems)
     # What the aims ask about, where fewer miners got in: memory per miner
     # and CPU per heartbeat, times the count, at the default 5 s interval.
@@ -636,10 +642,10 @@ class Row:
     baseline: list[dict[str, Any]]
 
     def med(self, who: str, key: str) -> float:
-        return median([r[key] for r in getattr(self, who)])
+        return median([r.get(key, math.nan) for r in getattr(self, who)])
 
-    def runs(self, who: str, key: str, fmt: str = "{:.0f}") -> str:
-        return ", ".join(fmt.format(r[key]) for r in getattr(self, who))
+    def runs(self, who: str, key: str, digits: int = 0) -> str:
+        return ", ".join(_f(r.get(key, math.nan), digits) for r in getattr(self, who))
 
     def problems(self) -> list[str]:
         return [f"{who}: {p}" for who in ("aitbc", "baseline") for r in getattr(self, who) for p in r["problems"]]
