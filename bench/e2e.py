@@ -651,9 +651,9 @@ class Row:
         return [f"{who}: {p}" for who in ("aitbc", "baseline") for r in getattr(self, who) for p in r["problems"]]
 
 
-def _repeat(opts: Options, what: str, fn: Callable[[], dict[str, Any]]) -> list[dict[str, Any]]:
+def _repeat(runs: int, what: str, fn: Callable[[], dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
-    for i in range(opts.runs):
+    for i in range(runs):
         t = time.monotonic()
         try:
             r = fn()
@@ -687,8 +687,8 @@ def run(opts: Options) -> dict[str, Any]:
         print(f"sqlite, {miners} miners", flush=True)
         results["load"].append(Row(
             f"SQLite, {miners} miner{'s' if miners > 1 else ''}",
-            _repeat(opts, "aitbc", lambda m=miners: load_run("aitbc", opts, m)),  # type: ignore[misc]
-            _repeat(opts, "baseline", lambda m=miners: load_run("baseline", opts, m)),  # type: ignore[misc]
+            _repeat(opts.runs, "aitbc", lambda m=miners: load_run("aitbc", opts, m)),  # type: ignore[misc]
+            _repeat(opts.runs, "baseline", lambda m=miners: load_run("baseline", opts, m)),  # type: ignore[misc]
         ))  # fmt: skip
     pg: TempPostgres | None = None
     if opts.postgres:
@@ -701,7 +701,7 @@ def run(opts: Options) -> dict[str, Any]:
             print(f"postgres, {replicas} replica(s), {opts.pg_miners} miners", flush=True)
             results["load"].append(Row(
                 f"PostgreSQL, {replicas} replica{'s' if replicas > 1 else ''}, {opts.pg_miners} miners",
-                _repeat(opts, "aitbc", lambda r=replicas: load_run(  # type: ignore[misc]
+                _repeat(opts.runs, "aitbc", lambda r=replicas: load_run(  # type: ignore[misc]
                     "aitbc", opts, opts.pg_miners, "postgres", r, pg)),
                 [],
             ))  # fmt: skip
@@ -710,13 +710,13 @@ def run(opts: Options) -> dict[str, Any]:
             pg.stop()
     print(f"queue of {opts.queue_jobs} jobs, then {opts.queue_miners} miners", flush=True)
     results["queue"] = Row(
-        "queue", _repeat(opts, "aitbc", lambda: queue_run("aitbc", opts)),
-        _repeat(opts, "baseline", lambda: queue_run("baseline", opts)),
+        "queue", _repeat(1, "aitbc", lambda: queue_run("aitbc", opts)),
+        _repeat(1, "baseline", lambda: queue_run("baseline", opts)),
     )  # fmt: skip
     print(f"{opts.idle_miners} idle miners", flush=True)
     results["idle"] = Row(
-        "idle", _repeat(opts, "aitbc", lambda: idle_run("aitbc", opts)),
-        _repeat(opts, "baseline", lambda: idle_run("baseline", opts)),
+        "idle", _repeat(1, "aitbc", lambda: idle_run("aitbc", opts)),
+        _repeat(1, "baseline", lambda: idle_run("baseline", opts)),
     )  # fmt: skip
     results["seconds"] = time.monotonic() - started
     results["load_avg"] = (load0, os.getloadavg()[0])
