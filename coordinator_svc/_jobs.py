@@ -1271,11 +1271,27 @@ class Coordinator:
             return
         # Through an outage of the database this waits, the lease still on
         # the session so heartbeats keep it: a result is not lost to one.
-        rec = await self._until_stored(
-            lambda: self.db(
-                self.store.transition, job_id, from_states=st.LEASED, expect_lease=lease_id, state=st.VERIFYING
-            )
-        )
+        faulted = False
+
+        async def to_verifying() -> JobRecord | None:
+            nonlocal faulted
+            try:
+                return await self.db(
+                    self.store.transition, job_id, from_states=st.LEASED, expect_lease=lease_id, state=st.VERIFYING
+                )
+            except StorageUnavailable:
+                faulted = True
+                raise
+
+        rec = await self._until_stored(to_verifying)
+        if rec is None and faulted and up is not None:
+            # A compare-and-set that may have committed as the database went
+            # away is not run again: it would find its own change. Ours if
+            # the job is VERIFYING under this lease and this call holds the
+            # upload (a duplicate result on the stream has none).
+            now = await self._until_stored(lambda: self.db(self.store.get, job_id))
+            if now is not None and now.state == st.VERIFYING and now.lease_id == lease_id:
+                rec = now
         session.leases.pop(lease_id, None)
         if rec is None:
             await self._ack(session, lease_id, "VERDICT_UNSPECIFIED", "lease no longer valid: result refused")
